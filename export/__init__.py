@@ -1,0 +1,1 @@
+"""Export of tokdrop models as full-sequence encoders (installed as ``tokdrop.export``)."""
