@@ -1,0 +1,184 @@
+"""Configurations: Hugging Face `BertConfig` field names plus the token-dropping and NarrowBERT modes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+IMPORTANCE_MODES = ("mlm_loss", "random")
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_probability(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+
+
+def check_keep(keep: Any) -> None:
+    """`keep` is a fraction of each sequence's real tokens in (0, 1], or a fixed count (int >= 1)."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"keep must be a float fraction or an int count, got {keep!r}")
+    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1] as a fraction, got {keep}")
+    if isinstance(keep, int) and keep < 1:
+        raise ValueError(f"keep must be >= 1 as a token count, got {keep}")
+
+
+def drop_schedule(num_layers: int, start_layer: int | None, end_layer: int | None) -> tuple[int, int]:
+    """(cross layer, first full layer after the restore) of token dropping in `num_layers` layers;
+    None picks the paper's: L/2 - 1 and L - 1."""
+    start = num_layers // 2 - 1 if start_layer is None else start_layer
+    end = num_layers - 1 if end_layer is None else end_layer
+    if not 0 <= start < end <= num_layers:
+        raise ValueError(
+            f"token dropping needs 0 <= start_layer < end_layer <= num_hidden_layers, got "
+            f"start_layer={start}, end_layer={end}, num_hidden_layers={num_layers}"
+        )
+    return start, end
+
+
+@dataclass
+class TokenDropConfig:
+    """Token dropping (Hou et al. 2022). Layers before `start_layer` see every token; `start_layer`
+    is the cross layer (kept queries over all keys/values); layers up to `end_layer` - 1 see kept
+    tokens only; the kept outputs are then scattered back and layers from `end_layer` on are full.
+    None picks the paper's schedule: start = L/2 - 1, end = L - 1.
+    """
+
+    keep: float | int = 0.5
+    start_layer: int | None = None
+    end_layer: int | None = None
+    importance: str = "mlm_loss"
+    beta: float = 0.995
+    init_value: float = 10.0
+    allow_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_keep(self.keep)
+        if self.importance not in IMPORTANCE_MODES:
+            raise ValueError(f"importance must be one of {IMPORTANCE_MODES}, got {self.importance!r}")
+        _check_probability("beta", self.beta)
+        if not math.isfinite(self.init_value):
+            raise ValueError(f"init_value must be finite, got {self.init_value}")
+        self.allow_ids = tuple(self.allow_ids)
+        for token_id in self.allow_ids:
+            _check_int("allow_ids entry", token_id, 0)
+
+@dataclass
+class NarrowConfig:
+    """NarrowBERT (Li et al. 2023): `full_layers` ordinary layers, then narrow layers whose queries
+    are a subset of positions and whose keys/values come from the last full layer's output."""
+
+    full_layers: int = 2
+
+    def __post_init__(self) -> None:
+        _check_int("full_layers", self.full_layers, 0)
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    num_labels: int = 2
+    classifier_dropout: float | None = None
+    # Static number of prediction slots per sequence for the MLM head (BERT's
+    # max_predictions_per_seq). None counts them from the labels, which needs a host sync.
+    max_predictions_per_seq: int | None = None
+    attn_backend: str | None = None
+    token_drop: TokenDropConfig | None = None
+    narrow: NarrowConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.token_drop, dict):
+            self.token_drop = TokenDropConfig(**self.token_drop)
+        if isinstance(self.narrow, dict):
+            self.narrow = NarrowConfig(**self.narrow)
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("pad_token_id", self.pad_token_id, 0)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not a multiple of "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        _check_probability("hidden_dropout_prob", self.hidden_dropout_prob)
+        _check_probability("attention_probs_dropout_prob", self.attention_probs_dropout_prob)
+        if self.classifier_dropout is not None:
+            _check_probability("classifier_dropout", self.classifier_dropout)
+        if self.max_predictions_per_seq is not None:
+            _check_int("max_predictions_per_seq", self.max_predictions_per_seq, 1)
+        if self.token_drop is not None and self.narrow is not None:
+            raise ValueError("token_drop and narrow are exclusive modes; set at most one")
+        if self.token_drop is not None:
+            drop_schedule(self.num_hidden_layers, self.token_drop.start_layer, self.token_drop.end_layer)
+            if isinstance(self.token_drop.keep, int) and self.token_drop.keep > self.max_position_embeddings:
+                raise ValueError(
+                    f"keep={self.token_drop.keep} tokens exceeds "
+                    f"max_position_embeddings={self.max_position_embeddings}"
+                )
+            for token_id in self.token_drop.allow_ids:
+                if token_id >= self.vocab_size:
+                    raise ValueError(f"allow_ids entry {token_id} is outside vocab_size={self.vocab_size}")
+        if self.narrow is not None and self.narrow.full_layers >= self.num_hidden_layers:
+            raise ValueError(
+                f"narrow.full_layers={self.narrow.full_layers} leaves no narrow layer in "
+                f"num_hidden_layers={self.num_hidden_layers}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json content: Hugging Face's BERT fields plus tokdrop's own."""
+        out = dataclasses.asdict(self)
+        out.pop("num_labels")
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        out["model_type"] = "bert"
+        out["position_embedding_type"] = "absolute"
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], **overrides: Any) -> BertConfig:
+        """Read a Hugging Face / tokdrop config.json dict; unknown Hugging Face fields are ignored."""
+        model_type = raw.get("model_type")
+        if model_type != "bert":
+            raise ValueError(f"not a BERT config: model_type={model_type!r} (expected 'bert')")
+        position_type = raw.get("position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise ValueError(f"position_embedding_type={position_type!r} is not supported (only 'absolute')")
+        if raw.get("is_decoder") or raw.get("add_cross_attention"):
+            raise ValueError("decoder / cross-attention BERT configs are not supported")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        if "id2label" in raw and "num_labels" not in raw:
+            kwargs["num_labels"] = len(raw["id2label"])
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+__all__ = ["BertConfig", "NarrowConfig", "TokenDropConfig", "check_keep", "drop_schedule"]

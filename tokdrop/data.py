@@ -1,0 +1,345 @@
+"""Pretraining data: a real-English corpus that ships with Python, WordPiece tokenisation, packing, masking.
+
+The corpus is the prose of Python's own documentation: the reference topics in ``pydoc_data.topics``
+(the text behind ``help("assert")``) and the docstrings of the standard-library modules. Both ship
+with every CPython install, so the demo runs offline. The text depends on the Python version, but on
+one interpreter everything below is deterministic.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import sysconfig
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from torch import Tensor
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+IGNORE_INDEX = -100  # label value for positions without a prediction (PyTorch's cross-entropy default)
+
+_MIN_PARAGRAPH_WORDS = 8
+_MIN_LETTER_FRACTION = 0.7
+_UNDERLINE = re.compile(r"^\s*([*=~^\-#])\1{3,}\s*$")  # reST heading underline: "*****", "====="
+_CODE_MARKERS = (">>>", "::=", "...:")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Paragraphs of text, split by document so that no held-out document is seen in training."""
+
+    train: tuple[str, ...]
+    held_out: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SpecialTokenIds:
+    pad: int
+    unk: int
+    cls: int
+    sep: int
+    mask: int
+
+    def as_tuple(self) -> tuple[int, ...]:
+        return (self.pad, self.unk, self.cls, self.sep, self.mask)
+
+
+# --------------------------------------------------------------------------------------------- corpus
+
+
+def split_paragraphs(text: str) -> list[str]:
+    """Prose paragraphs of reST-like text, each joined onto one line.
+
+    Blocks separated by blank lines are kept when they read as prose: their first line is not
+    indented (indented blocks are code, grammar or literal text), they hold no table or doctest
+    markup, at least ``_MIN_PARAGRAPH_WORDS`` words, and mostly letters.
+    """
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = [line for line in block.split("\n") if line.strip() and not _UNDERLINE.match(line)]
+        if not lines or lines[0][:1].isspace():
+            continue
+        if any(line.lstrip()[:1] in "+|" for line in lines) or any(m in block for m in _CODE_MARKERS):
+            continue
+        paragraph = " ".join(line.strip() for line in lines)
+        letters = sum(ch.isalpha() or ch == " " for ch in paragraph)
+        if len(paragraph.split()) >= _MIN_PARAGRAPH_WORDS and letters >= _MIN_LETTER_FRACTION * len(paragraph):
+            paragraphs.append(paragraph)
+    return paragraphs
+
+
+def _pydoc_topic_documents() -> Iterator[tuple[str, str]]:
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield f"topic:{name}", topics[name]
+
+
+def _stdlib_docstring_documents() -> Iterator[tuple[str, str]]:
+    """One document per top-level standard-library module: all of its docstrings, in source order."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):  # a few test fixtures are deliberately broken
+            continue
+        docstrings = (
+            ast.get_docstring(node)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        )
+        yield f"module:{path.stem}", "\n\n".join(doc for doc in docstrings if doc)
+
+
+def load_corpus(held_out_fraction: float = 0.1, include_docstrings: bool = True) -> Corpus:
+    """The Python-documentation corpus, split into train / held-out paragraphs by document.
+
+    A document goes to held-out when the CRC-32 of its name falls in the lowest
+    ``held_out_fraction`` of the 32-bit range: stable across runs and machines, unlike ``hash()``.
+    """
+    if not 0.0 < held_out_fraction < 1.0:
+        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction!r}")
+    documents = list(_pydoc_topic_documents())
+    if include_docstrings:
+        documents += _stdlib_docstring_documents()
+    train: list[str] = []
+    held_out: list[str] = []
+    for name, text in documents:
+        split = held_out if zlib.crc32(name.encode()) < held_out_fraction * 2**32 else train
+        split.extend(split_paragraphs(text))
+    if not train or not held_out:
+        raise ValueError(
+            f"held_out_fraction={held_out_fraction!r} leaves {len(train)} train and "
+            f"{len(held_out)} held-out paragraphs; both must be non-empty"
+        )
+    return Corpus(train=tuple(train), held_out=tuple(held_out))
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def _with_bert_pipeline(tokenizer: Tokenizer) -> Tokenizer:
+    """Uncased BERT normalisation and pre-tokenisation, WordPiece decoding, [CLS] A [SEP] B [SEP]."""
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=None)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    if all(tokenizer.token_to_id(token) is not None for token in SPECIAL_TOKENS):
+        ids = special_token_ids(tokenizer)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", ids.cls), ("[SEP]", ids.sep)],
+        )
+    return tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
+    """Train an uncased BERT-style WordPiece tokenizer; [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4."""
+    if not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be an int > {len(SPECIAL_TOKENS)}, got {vocab_size!r}")
+    tokenizer = _with_bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")))
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return _with_bert_pipeline(tokenizer)  # the post-processor needs the ids that training assigned
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """Load a WordPiece tokenizer from a ``tokenizer.json`` or a BERT ``vocab.txt`` (uncased).
+
+    A directory is searched for ``tokenizer.json`` first, then ``vocab.txt``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "tokenizer.json", path / "vocab.txt"]
+        path = next((c for c in candidates if c.is_file()), candidates[0])
+    if not path.is_file():
+        raise ValueError(f"tokenizer file {str(path)!r} does not exist")
+    if path.suffix == ".json":
+        tokenizer = Tokenizer.from_file(str(path))
+    else:
+        tokenizer = _with_bert_pipeline(Tokenizer(models.WordPiece.from_file(str(path), unk_token="[UNK]")))
+    missing = [token for token in SPECIAL_TOKENS if tokenizer.token_to_id(token) is None]
+    if missing:
+        raise ValueError(f"tokenizer {str(path)!r} lacks the special tokens {missing}")
+    return tokenizer
+
+
+def special_token_ids(tokenizer: Tokenizer) -> SpecialTokenIds:
+    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+    missing = [token for token, i in ids.items() if i is None]
+    if missing:
+        raise ValueError(f"tokenizer lacks the special tokens {missing}")
+    return SpecialTokenIds(*ids.values())
+
+
+# -------------------------------------------------------------------------------------------- packing
+
+
+def pack_sequences(tokenizer: Tokenizer, texts: Iterable[str], seq_len: int) -> Tensor:
+    """Tokenise ``texts``, concatenate them and cut the stream into rows ``[CLS] ... [SEP]``.
+
+    Returns a LongTensor [N, seq_len] without padding: every row holds ``seq_len - 2`` text tokens,
+    and the ragged tail of the stream (fewer than ``seq_len - 2`` tokens) is dropped.
+    """
+    if not isinstance(seq_len, int) or seq_len < 3:
+        raise ValueError(f"seq_len must be an int >= 3 ([CLS], a token, [SEP]), got {seq_len!r}")
+    ids = special_token_ids(tokenizer)
+    stream = [i for enc in tokenizer.encode_batch(list(texts), add_special_tokens=False) for i in enc.ids]
+    body = seq_len - 2
+    n_rows = len(stream) // body
+    if n_rows == 0:
+        raise ValueError(f"the texts hold {len(stream)} tokens, too few for one row of seq_len={seq_len}")
+    rows = torch.tensor(stream[: n_rows * body], dtype=torch.long).view(n_rows, body)
+    cls = torch.full((n_rows, 1), ids.cls, dtype=torch.long)
+    sep = torch.full((n_rows, 1), ids.sep, dtype=torch.long)
+    return torch.cat([cls, rows, sep], dim=1)
+
+
+# -------------------------------------------------------------------------------------------- masking
+
+
+def num_mlm_predictions(seq_len: int, mlm_probability: float = 0.15) -> int:
+    """BERT's fixed number of masked-LM predictions per row: round(mlm_probability * seq_len), >= 1."""
+    _check_probability("mlm_probability", mlm_probability, allow_zero=False)
+    return max(1, round(mlm_probability * seq_len))
+
+
+def _check_probability(name: str, value: float, allow_zero: bool = True) -> None:
+    low_ok = value >= 0.0 if allow_zero else value > 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value <= 1.0):
+        bounds = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"{name} must be a probability in {bounds}, got {value!r}")
+
+
+class MaskingCollator:
+    """BERT masked-LM masking with a fixed number of predictions per row, so shapes stay static.
+
+    Each row gets exactly ``P = predictions_per_seq`` predicted positions (default
+    ``round(mlm_probability * seq_len)``), or all of its maskable tokens when it has fewer. Maskable
+    means not padding and not a special token. Of the predicted positions, ``mask_replace_prob`` (80%)
+    become [MASK], ``random_replace_prob`` (10%) a random non-special token, the rest stay unchanged.
+
+    Call it on a LongTensor [B, S] or on a sequence of equal-length rows (as a DataLoader
+    ``collate_fn``). It returns ``input_ids``, ``attention_mask``, ``token_type_ids`` and ``labels``,
+    all [B, S] int64; ``labels`` holds the original id at predicted positions and ``IGNORE_INDEX``
+    elsewhere. Draws come from ``generator`` when given, else from the collator's own generator
+    seeded with ``seed``: the same seed and inputs give the same batches.
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        pad_token_id: int,
+        mask_token_id: int,
+        special_token_ids: Iterable[int],
+        mlm_probability: float = 0.15,
+        predictions_per_seq: int | None = None,
+        mask_replace_prob: float = 0.8,
+        random_replace_prob: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        _check_probability("mlm_probability", mlm_probability, allow_zero=False)
+        _check_probability("mask_replace_prob", mask_replace_prob)
+        _check_probability("random_replace_prob", random_replace_prob)
+        if mask_replace_prob + random_replace_prob > 1.0:
+            raise ValueError(
+                f"mask_replace_prob + random_replace_prob must be <= 1, got "
+                f"{mask_replace_prob!r} + {random_replace_prob!r}"
+            )
+        if predictions_per_seq is not None and (
+            not isinstance(predictions_per_seq, int) or predictions_per_seq < 1
+        ):
+            raise ValueError(f"predictions_per_seq must be an int >= 1 or None, got {predictions_per_seq!r}")
+        specials = sorted({pad_token_id, mask_token_id, *special_token_ids})
+        if not isinstance(vocab_size, int) or vocab_size <= len(specials):
+            raise ValueError(f"vocab_size must be an int > {len(specials)} (the special ids), got {vocab_size!r}")
+        out_of_vocab = [i for i in specials if not 0 <= i < vocab_size]
+        if out_of_vocab:
+            raise ValueError(f"special token ids {out_of_vocab} are outside the vocabulary [0, {vocab_size})")
+        self.vocab_size = vocab_size
+        self.pad_token_id = pad_token_id
+        self.mask_token_id = mask_token_id
+        self.mlm_probability = mlm_probability
+        self.predictions_per_seq = predictions_per_seq
+        self.mask_replace_prob = mask_replace_prob
+        self.random_replace_prob = random_replace_prob
+        self.generator = torch.Generator().manual_seed(seed)
+        self._special_ids = torch.tensor(specials, dtype=torch.long)
+        is_special = torch.zeros(vocab_size, dtype=torch.bool)
+        is_special[self._special_ids] = True
+        self._random_pool = (~is_special).nonzero().squeeze(1)  # replacement ids: never a special token
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Tokenizer, **kwargs) -> MaskingCollator:
+        ids = special_token_ids(tokenizer)
+        return cls(
+            vocab_size=tokenizer.get_vocab_size(),
+            pad_token_id=ids.pad,
+            mask_token_id=ids.mask,
+            special_token_ids=ids.as_tuple(),
+            **kwargs,
+        )
+
+    def num_predictions(self, seq_len: int) -> int:
+        """P for rows of ``seq_len`` tokens: the static number of prediction slots per row."""
+        return self.predictions_per_seq or num_mlm_predictions(seq_len, self.mlm_probability)
+
+    def __call__(self, batch: Tensor | Sequence, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        ids = self._as_id_batch(batch)
+        g = self.generator if generator is None else generator
+        n_rows, seq_len = ids.shape
+        maskable = ~torch.isin(ids, self._special_ids)
+        n_slots = min(self.num_predictions(seq_len), seq_len)
+
+        # Random keys with non-maskable positions sorted last: the first P columns of the order are a
+        # uniform sample of the maskable positions, of which each row takes min(P, its maskable count).
+        keys = torch.rand(n_rows, seq_len, generator=g).masked_fill_(~maskable, 2.0)
+        slots = keys.argsort(dim=1)[:, :n_slots]
+        taken = torch.arange(n_slots) < maskable.sum(dim=1, keepdim=True)
+        predicted = torch.zeros_like(maskable)
+        predicted[torch.arange(n_rows).unsqueeze(1).expand_as(slots)[taken], slots[taken]] = True
+
+        choice = torch.rand(n_rows, seq_len, generator=g)
+        to_mask = predicted & (choice < self.mask_replace_prob)
+        to_random = predicted & ~to_mask & (choice < self.mask_replace_prob + self.random_replace_prob)
+        random_ids = self._random_pool[
+            torch.randint(len(self._random_pool), (n_rows, seq_len), generator=g)
+        ]
+        input_ids = torch.where(to_random, random_ids, ids).masked_fill_(to_mask, self.mask_token_id)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": (ids != self.pad_token_id).long(),
+            "token_type_ids": torch.zeros_like(ids),
+            "labels": torch.where(predicted, ids, IGNORE_INDEX),
+        }
+
+    def _as_id_batch(self, batch: Tensor | Sequence) -> Tensor:
+        if not isinstance(batch, Tensor):
+            rows = [torch.as_tensor(row) for row in batch]
+            lengths = sorted({row.numel() for row in rows})
+            if len(lengths) > 1:
+                raise ValueError(f"rows of a batch must have equal length, got lengths {lengths}")
+            batch = torch.stack(rows) if rows else torch.empty(0, 0, dtype=torch.long)
+        if batch.dtype.is_floating_point or batch.dtype.is_complex or batch.dtype == torch.bool:
+            raise TypeError(f"token ids must be an integer tensor, got dtype {batch.dtype}")
+        if batch.dim() != 2 or batch.shape[0] == 0:
+            raise ValueError(f"token ids must have shape [batch >= 1, seq_len], got {tuple(batch.shape)}")
+        if batch.shape[1] < 3:
+            raise ValueError(f"seq_len must be >= 3 ([CLS], a token, [SEP]), got {batch.shape[1]}")
+        low, high = int(batch.min()), int(batch.max())
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        return batch.long()

@@ -1,0 +1,320 @@
+"""Building blocks for token dropping and NarrowBERT, usable on any encoder.
+
+Layer protocol. `TokenDropEncoder` and `NarrowEncoder` wrap a stack of layers, each a callable
+
+    layer(x, x_lens, kv=None, kv_lens=None) -> Tensor shaped like x
+
+    x        [B, Lq, H]  the tokens this layer updates (queries, residual stream, FFN input);
+                         row b holds x_lens[b] real tokens first, then padding
+    kv       [B, Lk, H]  where keys and values come from; None = x itself (self-attention),
+                         with kv_lens[b] real tokens first
+    
+`BertLayer` below follows it. Padding rows may hold any finite values; nothing reads them.
+
+Index layout. Selections of positions are [B, K] index tensors plus per-row counts: the first
+counts[b] entries of row b are the selected positions in ascending order, and the rest are other
+positions of the same row, so every row of the index holds distinct positions and shapes stay static.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokdrop.config import BertConfig, check_keep, drop_schedule
+from tokdrop.kernels import attention
+
+# A float keep fraction is turned into a count with ceil(keep * length); the slack absorbs binary
+# rounding such as 0.3 * 10 = 3.0000000000000004.
+_CEIL_SLACK = 1e-9
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def _eager() -> bool:
+    """Input checks that read tensor values run eagerly only; a compiled graph must not sync."""
+    return not torch.compiler.is_compiling()
+
+
+def pack_positions(mask: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Index [B, size] of the True positions of `mask` [B, S] (ascending, then the False ones) and
+    their per-row counts [B]. Raises if a row has more than `size` True positions."""
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a [B, S] bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+    seq_len = mask.shape[1]
+    if not 1 <= size <= seq_len:
+        raise ValueError(f"size must be in [1, {seq_len}], got {size}")
+    counts = mask.sum(dim=1)
+    if _eager() and bool((counts > size).any()):
+        row = int((counts > size).nonzero()[0, 0])
+        raise ValueError(f"row {row} selects {int(counts[row])} positions, more than the {size} slots")
+    positions = torch.arange(seq_len, device=mask.device)
+    # Unique keys: selected positions sort first, each group in position order.
+    order_key = torch.where(mask, positions, positions + seq_len)
+    return order_key.argsort(dim=1)[:, :size], counts
+
+
+def kept_counts(lengths: Tensor, keep: float | int) -> Tensor:
+    """Tokens kept per row: ceil(keep * length) for a fraction, min(keep, length) for a count."""
+    if isinstance(keep, float):
+        return torch.ceil(lengths.double() * keep - _CEIL_SLACK).to(lengths.dtype)
+    return lengths.clamp(max=keep)
+
+
+def max_kept(seq_len: int, keep: float | int) -> int:
+    """Static upper bound of `kept_counts` for sequences of `seq_len` positions."""
+    check_keep(keep)
+    if isinstance(keep, int):
+        if keep > seq_len:
+            raise ValueError(f"keep={keep} tokens is more than the sequence length {seq_len}")
+        return keep
+    return math.ceil(seq_len * keep - _CEIL_SLACK)
+
+
+def select_tokens(scores: Tensor, lengths: Tensor, keep: float | int) -> tuple[Tensor, Tensor]:
+    """Keep the highest-scoring real tokens of each row.
+
+    scores [B, S] float (higher = more important; +inf always kept while the count allows),
+    lengths [B] real tokens per row (right padding). Returns the index [B, K_max] in the layout of
+    the module docstring and the kept counts [B]. Ties go to the earlier position; padding is never
+    kept while real tokens remain.
+    """
+    if scores.dim() != 2 or not scores.is_floating_point():
+        raise ValueError(f"scores must be a [B, S] float tensor, got {tuple(scores.shape)} {scores.dtype}")
+    batch, seq_len = scores.shape
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have shape ({batch},), got {tuple(lengths.shape)}")
+    size = max_kept(seq_len, keep)
+    if _eager() and bool(scores.isnan().any()):
+        raise ValueError("scores contain NaN")
+    positions = torch.arange(seq_len, device=scores.device)
+    is_real = positions < lengths[:, None]
+    ranked = torch.where(is_real, scores, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(ranked).scatter_(1, ranked, positions.expand(batch, -1))
+    keep_mask = rank < kept_counts(lengths, keep)[:, None]
+    return pack_positions(keep_mask, size)
+
+
+def drop_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """Rows of x [B, S, H] at index [B, K] -> [B, K, H]."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def restore_tokens(saved: Tensor, kept: Tensor, index: Tensor, counts: Tensor) -> Tensor:
+    """Scatter kept [B, K, H] back into saved [B, S, H] at the first counts[b] slots of index [B, K];
+    every other position keeps its saved state."""
+    slot_valid = torch.arange(index.shape[1], device=index.device) < counts[:, None]
+    # Unused slots write back what was saved there, so the scatter is a permutation-free no-op
+    # for them and its gradient stays exact (index rows hold distinct positions).
+    rows = torch.where(slot_valid[..., None], kept, drop_tokens(saved, index))
+    return saved.scatter(1, index.unsqueeze(-1).expand(-1, -1, saved.shape[-1]), rows)
+
+
+class TokenImportance(nn.Module):
+    """Moving average of the MLM loss per vocabulary id (the token-dropping paper's importance).
+
+    After each training step, for every id predicted in the batch:
+    table[id] = beta * table[id] + (1 - beta) * mean loss of that id's predictions.
+    Ignored labels (< 0) and non-finite losses are skipped; nothing updates in eval mode; the sums
+    are all-reduced over the default process group so every data-parallel rank holds the same
+    table. Allow-listed ids are pinned to +inf and the padding id to -inf after every update.
+
+    mode "random" scores tokens uniformly at random instead (random-LTD), with the same pins.
+    """
+
+    def __init__(
+        self, vocab_size: int, *, mode: str = "mlm_loss", beta: float = 0.995, init_value: float = 10.0,
+        allow_ids: Sequence[int] = (), pad_id: int | None = 0,
+    ) -> None:
+        super().__init__()
+        if mode not in ("mlm_loss", "random"):
+            raise ValueError(f"mode must be 'mlm_loss' or 'random', got {mode!r}")
+        self.mode, self.beta, self.pad_id = mode, beta, pad_id
+        self.register_buffer("table", torch.full((vocab_size,), float(init_value)))
+        self.register_buffer("allow_ids", torch.tensor(list(allow_ids), dtype=torch.long), persistent=False)
+        self.pin()
+
+    @torch.no_grad()
+    def pin(self) -> None:
+        self.table.index_fill_(0, self.allow_ids, float("inf"))
+        if self.pad_id is not None:
+            self.table[self.pad_id] = float("-inf")
+
+    def scores(self, input_ids: Tensor) -> Tensor:
+        """Importance [B, S] of each token."""
+        pinned = self.table[input_ids]
+        if self.mode == "mlm_loss":
+            return pinned
+        noise = torch.rand(input_ids.shape, device=input_ids.device)
+        return torch.where(pinned.isinf(), pinned, noise)
+
+    @torch.no_grad()
+    def update(self, labels: Tensor, losses: Tensor) -> None:
+        """Fold per-prediction losses into the table; labels < 0 are ignored."""
+        if not self.training or self.mode != "mlm_loss":
+            return
+        if labels.shape != losses.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} and losses {tuple(losses.shape)} differ in shape")
+        labels, losses = labels.reshape(-1), losses.reshape(-1).float()
+        vocab_size = self.table.shape[0]
+        valid = (labels >= 0) & torch.isfinite(losses)
+        if _eager() and bool((labels >= vocab_size).any()):
+            raise ValueError(f"label id {int(labels.max())} is outside the vocabulary of {vocab_size}")
+        ids = torch.where(valid, labels, 0)
+        totals = torch.zeros(2, vocab_size, device=self.table.device)
+        totals[0].index_add_(0, ids, torch.where(valid, losses, 0.0))
+        totals[1].index_add_(0, ids, valid.float())
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        sums, counts = totals
+        mean = sums / counts.clamp(min=1.0)
+        self.table.copy_(torch.where(counts > 0, self.beta * self.table + (1 - self.beta) * mean, self.table))
+        self.pin()
+
+
+class _QKV(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+
+
+class _DenseResidualNorm(nn.Module):
+    """LayerNorm(residual + dropout(dense(x))), Hugging Face's BertSelfOutput / BertOutput."""
+
+    def __init__(self, d_in: int, d_out: int, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
+        self.LayerNorm = nn.LayerNorm(d_out, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(residual + self.dropout(self.dense(x)))
+
+
+class _Attention(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.self = _QKV(config.hidden_size)
+        self.output = _DenseResidualNorm(config.hidden_size, config.hidden_size, config)
+
+
+class _Intermediate(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = _ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    """A post-LayerNorm BERT layer following the layer protocol; parameter names match Hugging Face.
+
+    Full: layer(h, lens). Kept-only: layer(kept, kept_lens). Cross: layer(kept, kept_lens, h, lens).
+    """
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.attn_dropout = config.attention_probs_dropout_prob
+        self.attn_backend = config.attn_backend
+        self.attention = _Attention(config)
+        self.intermediate = _Intermediate(config)
+        self.output = _DenseResidualNorm(config.intermediate_size, config.hidden_size, config)
+
+    def forward(self, x: Tensor, x_lens: Tensor, kv: Tensor | None = None, kv_lens: Tensor | None = None) -> Tensor:
+        if kv is None:
+            kv, kv_lens = x, x_lens
+        proj = self.attention.self
+        heads = (self.num_heads, -1)
+        context = attention(
+            proj.query(x).unflatten(-1, heads), proj.key(kv).unflatten(-1, heads),
+            proj.value(kv).unflatten(-1, heads), x_lens, kv_lens,
+            dropout_p=self.attn_dropout if self.training else 0.0, backend=self.attn_backend,
+        )
+        x = self.attention.output(context.flatten(2), x)
+        return self.output(self.intermediate(x), x)
+
+
+class TokenDropEncoder(nn.Module):
+    """Run a layer stack with token dropping (the paper's schedule by default; see TokenDropConfig).
+
+    forward(hidden [B, S, H], lengths [B], scores [B, S] or None) -> [B, S, H]. With scores None
+    every layer runs on the full sequence. With scores, layers [0, start) run full; layer `start`
+    is the cross layer (kept queries over all keys/values); layers (start, end) run on the kept
+    tokens only; their outputs are scattered into the state saved at the drop point, where dropped
+    tokens keep that stale state; layers [end, L) run full.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], keep: float | int = 0.5,
+                 start_layer: int | None = None, end_layer: int | None = None) -> None:
+        super().__init__()
+        check_keep(keep)
+        self.layer = nn.ModuleList(layers)
+        self.keep = keep
+        self.start, self.end = drop_schedule(len(self.layer), start_layer, end_layer)
+
+    def forward(self, hidden: Tensor, lengths: Tensor, scores: Tensor | None = None) -> Tensor:
+        if scores is None:
+            for layer in self.layer:
+                hidden = layer(hidden, lengths)
+            return hidden
+        for layer in self.layer[: self.start]:
+            hidden = layer(hidden, lengths)
+        index, kept_lens = select_tokens(scores, lengths, self.keep)
+        kept = self.layer[self.start](drop_tokens(hidden, index), kept_lens, hidden, lengths)
+        for layer in self.layer[self.start + 1 : self.end]:
+            kept = layer(kept, kept_lens)
+        hidden = restore_tokens(hidden, kept, index, kept_lens)
+        for layer in self.layer[self.end :]:
+            hidden = layer(hidden, lengths)
+        return hidden
+
+
+class NarrowEncoder(nn.Module):
+    """NarrowBERT: `full_layers` ordinary layers give E [B, S, H]; every later layer updates only the
+    query tokens, projecting its keys and values from the fixed E.
+
+    forward(hidden, lengths, query_index [B, M] or None, query_lens [B] or None) -> [B, M, H] (or
+    [B, S, H] with every position a query when query_index is None).
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], full_layers: int = 2) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(layers)
+        if not 0 <= full_layers < len(self.layer):
+            raise ValueError(f"full_layers must be in [0, {len(self.layer)}), got {full_layers}")
+        self.full_layers = full_layers
+
+    def forward(self, hidden: Tensor, lengths: Tensor, query_index: Tensor | None = None,
+                query_lens: Tensor | None = None) -> Tensor:
+        for layer in self.layer[: self.full_layers]:
+            hidden = layer(hidden, lengths)
+        if query_index is None:
+            queries, query_lens = hidden, lengths
+        else:
+            queries = drop_tokens(hidden, query_index)
+        for layer in self.layer[self.full_layers :]:
+            queries = layer(queries, query_lens, hidden, lengths)
+        return queries
+
+
+__all__ = [
+    "BertLayer", "NarrowEncoder", "TokenDropEncoder", "TokenImportance", "drop_tokens",
+    "kept_counts", "max_kept", "pack_positions", "restore_tokens", "select_tokens",
+]

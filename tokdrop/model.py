@@ -1,0 +1,285 @@
+"""BERT encoders with token dropping and NarrowBERT, parameter-compatible with Hugging Face BERT."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokdrop.checkpoint import PretrainedMixin
+from tokdrop.config import BertConfig
+from tokdrop.layers import (
+    _ACTIVATIONS, BertLayer, NarrowEncoder, TokenDropEncoder, TokenImportance, _eager, drop_tokens,
+    pack_positions,
+)
+
+IGNORE_INDEX = -100
+
+
+class BertOutput(NamedTuple):
+    last_hidden_state: Tensor  # [B, S, H], or [B, M, H] at the query positions
+    pooler_output: Tensor | None  # [B, H] from the first position, or None without a pooler
+
+
+class MaskedLMOutput(NamedTuple):
+    loss: Tensor | None
+    logits: Tensor  # [B, P, V] at `positions`; [B, S, V] when no labels are given
+    positions: Tensor  # [B, P] predicted positions; the first `counts[b]` of row b are real
+    counts: Tensor  # [B]
+
+
+class SequenceClassifierOutput(NamedTuple):
+    loss: Tensor | None
+    logits: Tensor  # [B, num_labels]
+
+
+def check_inputs(config: BertConfig, input_ids: Tensor, attention_mask: Tensor | None,
+                 token_type_ids: Tensor | None) -> None:
+    """Raise a ValueError/TypeError naming whatever is wrong with a batch (eagerly only)."""
+    if not isinstance(input_ids, Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor, got {type(input_ids).__name__} "
+                        f"{getattr(input_ids, 'dtype', '')}")
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be a non-empty [batch, seq_len] tensor, got shape {tuple(input_ids.shape)}")
+    seq_len = input_ids.shape[1]
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings={config.max_position_embeddings}")
+    if not _eager():
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= config.vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
+    for name, extra in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if extra is not None and tuple(extra.shape) != tuple(input_ids.shape):
+            raise ValueError(f"{name} has shape {tuple(extra.shape)} but input_ids has {tuple(input_ids.shape)}")
+    if token_type_ids is not None and (int(token_type_ids.min()) < 0
+                                       or int(token_type_ids.max()) >= config.type_vocab_size):
+        raise ValueError(f"token_type_ids must be in [0, {config.type_vocab_size}), got values "
+                         f"{int(token_type_ids.min())}..{int(token_type_ids.max())}")
+    if attention_mask is not None:
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        empty = (attention_mask.sum(dim=1) == 0).nonzero()
+        if len(empty):
+            raise ValueError(f"row {int(empty[0, 0])} of attention_mask has no real tokens")
+        if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+            raise ValueError("attention_mask must be right-padded: each row all ones, then all zeros")
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, first_token: Tensor) -> Tensor:
+        return torch.tanh(self.dense(first_token))
+
+
+def init_bert_weights(module: nn.Module, std: float) -> None:
+    """Hugging Face BERT's initialisation, for `nn.Module.apply`."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        with torch.no_grad():
+            module.weight[module.padding_idx].zero_()
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class BertModel(PretrainedMixin, nn.Module):
+    """BERT encoder. Token dropping (config.token_drop) acts in training mode only; NarrowBERT
+    (config.narrow) shapes the encoder in every mode."""
+
+    checkpoint_prefix = ""
+    optional_keys = ("pooler.",)
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        layers = [BertLayer(config) for _ in range(config.num_hidden_layers)]
+        drop = config.token_drop
+        if config.narrow is not None:
+            self.encoder = NarrowEncoder(layers, config.narrow.full_layers)
+        elif drop is not None:
+            self.encoder = TokenDropEncoder(layers, drop.keep, drop.start_layer, drop.end_layer)
+        else:
+            self.encoder = TokenDropEncoder(layers)
+        self.token_importance = None if drop is None else TokenImportance(
+            config.vocab_size, mode=drop.importance, beta=drop.beta, init_value=drop.init_value,
+            allow_ids=drop.allow_ids, pad_id=config.pad_token_id,
+        )
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.apply(lambda module: init_bert_weights(module, config.initializer_range))
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+        *, query_index: Tensor | None = None, query_lens: Tensor | None = None,
+        token_scores: Tensor | None = None,
+    ) -> BertOutput:
+        """query_index [B, M] / query_lens [B] (index layout of tokdrop.layers): return only these
+        positions. token_scores [B, S]: importance that overrides the model's own for dropping."""
+        check_inputs(self.config, input_ids, attention_mask, token_type_ids)
+        batch, seq_len = input_ids.shape
+        if attention_mask is None:
+            lengths = torch.full((batch,), seq_len, dtype=torch.long, device=input_ids.device)
+        else:
+            lengths = attention_mask.sum(dim=1, dtype=torch.long)
+        hidden = self.embeddings(input_ids, token_type_ids)
+        if isinstance(self.encoder, NarrowEncoder):
+            hidden = self.encoder(hidden, lengths, query_index, query_lens)
+        else:
+            scores = None
+            if self.training and self.token_importance is not None:
+                scores = self.token_importance.scores(input_ids) if token_scores is None else token_scores
+            hidden = self.encoder(hidden, lengths, scores)
+            if query_index is not None:
+                hidden = drop_tokens(hidden, query_index)
+        pooled = None if self.pooler is None else self.pooler(hidden[:, 0])
+        return BertOutput(hidden, pooled)
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.transform = nn.Module()
+        self.transform.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.act = _ACTIVATIONS[config.hidden_act]
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.decoder.weight = word_embeddings.weight  # tied, as in BERT
+        self.decoder.bias = self.bias
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        hidden = self.transform.LayerNorm(self.act(self.transform.dense(hidden)))
+        return self.decoder(hidden)
+
+
+class BertForMaskedLM(PretrainedMixin, nn.Module):
+    """Masked-LM pretraining; the head runs only at the predicted positions.
+
+    Predicted positions are packed into P slots per row: config.max_predictions_per_seq when set
+    (static shapes, needed for torch.compile to skip the host sync), else the largest count in the
+    batch. In NarrowBERT mode the predicted positions are the narrow layers' queries.
+    """
+
+    checkpoint_prefix = "bert."
+    optional_keys = ("cls.",)
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = nn.Module()
+        self.cls.predictions = BertLMPredictionHead(config, self.bert.embeddings.word_embeddings)
+        # The decoder is tied to the word embeddings, which BertModel initialised.
+        self.cls.predictions.transform.apply(lambda module: init_bert_weights(module, config.initializer_range))
+
+    def _prediction_slots(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        seq_len = labels.shape[1]
+        predicted = labels != IGNORE_INDEX
+        slots = self.config.max_predictions_per_seq
+        if slots is None:
+            slots = seq_len if torch.compiler.is_compiling() else max(1, int(predicted.sum(dim=1).max()))
+        return pack_positions(predicted, min(slots, seq_len))
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+        labels: Tensor | None = None, *, token_scores: Tensor | None = None,
+    ) -> MaskedLMOutput:
+        if labels is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+            counts = torch.full_like(positions[:, 0], input_ids.shape[1])
+            hidden = self.bert(input_ids, attention_mask, token_type_ids, token_scores=token_scores)[0]
+            return MaskedLMOutput(None, self.cls.predictions(hidden), positions, counts)
+        if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(getattr(labels, 'shape', ()))} ({type(labels).__name__})")
+        if _eager() and bool(((labels < 0) & (labels != IGNORE_INDEX) | (labels >= self.config.vocab_size)).any()):
+            raise ValueError(f"labels must be token ids in [0, {self.config.vocab_size}) or {IGNORE_INDEX}")
+        positions, counts = self._prediction_slots(labels)
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, query_index=positions,
+                           query_lens=counts, token_scores=token_scores)[0]
+        logits = self.cls.predictions(hidden)
+        slot_valid = torch.arange(positions.shape[1], device=positions.device) < counts[:, None]
+        targets = torch.where(slot_valid, labels.gather(1, positions), IGNORE_INDEX)
+        per_prediction = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        loss = per_prediction.sum() / slot_valid.sum().clamp(min=1)
+        importance = self.bert.token_importance
+        if importance is not None:
+            importance.update(targets, per_prediction.detach().view_as(targets))
+        return MaskedLMOutput(loss, logits, positions, counts)
+
+
+class BertForSequenceClassification(PretrainedMixin, nn.Module):
+    """[CLS] classification (regression when num_labels == 1). Fine-tuning runs the full encoder:
+    token dropping is a pretraining mode. In NarrowBERT mode [CLS] is the only query."""
+
+    checkpoint_prefix = "bert."
+    optional_keys = ("classifier.", "bert.pooler.")
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(dataclasses.replace(config, token_drop=None))
+        dropout = config.hidden_dropout_prob if config.classifier_dropout is None else config.classifier_dropout
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        init_bert_weights(self.classifier, config.initializer_range)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> SequenceClassifierOutput:
+        query_index = query_lens = None
+        if self.config.narrow is not None:
+            query_index = torch.zeros_like(input_ids[:, :1])
+            query_lens = torch.ones_like(input_ids[:, 0])
+        pooled = self.bert(input_ids, attention_mask, token_type_ids,
+                           query_index=query_index, query_lens=query_lens).pooler_output
+        logits = self.classifier(self.dropout(pooled))
+        if labels is None:
+            return SequenceClassifierOutput(None, logits)
+        if not isinstance(labels, Tensor) or tuple(labels.shape) != (input_ids.shape[0],):
+            raise ValueError(f"labels must have shape ({input_ids.shape[0]},), "
+                             f"got {tuple(getattr(labels, 'shape', ()))} ({type(labels).__name__})")
+        if self.config.num_labels == 1:
+            loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        else:
+            loss = F.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(loss, logits)
+
+
+__all__ = [
+    "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "BertOutput", "MaskedLMOutput",
+    "SequenceClassifierOutput", "check_inputs",
+]
