@@ -1,0 +1,204 @@
+"""Model-level equivalences: token dropping and NarrowBERT against dense and slow references."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tokdrop
+from tokdrop.layers import select_tokens
+
+BASE = tokdrop.BertConfig(
+    vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48,
+    max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    attn_backend="eager",
+)
+
+
+def make(cls, **changes):
+    torch.manual_seed(0)
+    return cls(dataclasses.replace(BASE, **changes)).double()
+
+
+def batch(seed=1, lengths=(20, 13, 1, 7)):
+    g = torch.Generator().manual_seed(seed)
+    seq_len = max(lengths)
+    ids = torch.randint(1, BASE.vocab_size, (len(lengths), seq_len), generator=g)
+    mask = (torch.arange(seq_len) < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask  # padding id 0
+    types = torch.randint(0, 2, ids.shape, generator=g) * mask
+    labels = torch.where((torch.rand(ids.shape, generator=g) < 0.3) & mask.bool(), ids, -100)
+    labels[:, 0] = ids[:, 0]  # every row predicts something
+    return ids, mask, types, labels
+
+
+def share_weights(target, source):
+    missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)
+    assert not unexpected and all("token_importance" in k for k in missing)
+    return target
+
+
+def real_logits(out):
+    valid = torch.arange(out.positions.shape[1]) < out.counts[:, None]
+    return out.logits[valid]
+
+
+@pytest.mark.parametrize("keep", [1.0, 20])
+def test_keep_all_token_dropping_equals_dense(keep):
+    ids, mask, types, labels = batch()
+    dense = make(tokdrop.BertForMaskedLM).train()
+    drop = share_weights(make(tokdrop.BertForMaskedLM, token_drop=tokdrop.TokenDropConfig(keep=keep)), dense)
+    a, b = dense(ids, mask, types, labels), drop.train()(ids, mask, types, labels)
+    torch.testing.assert_close(real_logits(b), real_logits(a), rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=1e-12)
+
+
+def test_narrow_with_one_narrow_layer_and_every_query_equals_dense():
+    ids, mask, types, _ = batch()
+    dense = make(tokdrop.BertModel).eval()
+    narrow = share_weights(make(tokdrop.BertModel, narrow=tokdrop.NarrowConfig(full_layers=3)), dense).eval()
+    real = mask.bool()
+    torch.testing.assert_close(narrow(ids, mask, types)[0][real], dense(ids, mask, types)[0][real],
+                               rtol=0, atol=1e-12)
+
+
+def test_narrow_mlm_at_predicted_positions_equals_dense_there():
+    ids, mask, types, labels = batch()
+    dense = make(tokdrop.BertForMaskedLM).eval()
+    narrow = share_weights(make(tokdrop.BertForMaskedLM, narrow=tokdrop.NarrowConfig(full_layers=3)), dense)
+    a, b = dense(ids, mask, types, labels), narrow.eval()(ids, mask, types, labels)
+    torch.testing.assert_close(real_logits(b), real_logits(a), rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=1e-12)
+
+
+def slow_layer(layer, x, memory):
+    """One BERT layer for a single unpadded sequence: queries x [M, H] over keys/values memory [N, H]."""
+    proj, heads = layer.attention.self, layer.num_heads
+    q = proj.query(x).view(len(x), heads, -1).transpose(0, 1)
+    k = proj.key(memory).view(len(memory), heads, -1).transpose(0, 1)
+    v = proj.value(memory).view(len(memory), heads, -1).transpose(0, 1)
+    probs = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+    context = (probs @ v).transpose(0, 1).reshape(len(x), -1)
+    out = layer.attention.output
+    x = out.LayerNorm(x + out.dense(context))
+    ffn = layer.output
+    return ffn.LayerNorm(x + ffn.dense(F.gelu(layer.intermediate.dense(x))))
+
+
+@pytest.mark.parametrize("full_layers", [0, 1, 2])
+def test_narrow_equals_slow_reference(full_layers):
+    """Every position a query; each narrow layer attends over the fixed output of the last full layer."""
+    ids, mask, types, _ = batch()
+    model = make(tokdrop.BertModel, narrow=tokdrop.NarrowConfig(full_layers=full_layers)).eval()
+    out = model(ids, mask, types)[0]
+    embedded = model.embeddings(ids, types)
+    for row, length in enumerate(mask.sum(1).tolist()):
+        hidden = embedded[row, :length]
+        for layer in model.encoder.layer[:full_layers]:
+            hidden = slow_layer(layer, hidden, hidden)
+        queries = hidden
+        for layer in model.encoder.layer[full_layers:]:
+            queries = slow_layer(layer, queries, hidden)
+        torch.testing.assert_close(out[row, :length], queries, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("keep", "start", "end"), [(0.5, None, None), (0.3, 0, 4), (3, 1, 3)])
+def test_token_dropping_equals_slow_reference(keep, start, end):
+    """Per sequence, unpadded: full layers, cross layer, kept-only layers, restore, full layers."""
+    ids, mask, types, _ = batch()
+    drop = tokdrop.TokenDropConfig(keep=keep, start_layer=start, end_layer=end, allow_ids=(5,))
+    model = make(tokdrop.BertModel, token_drop=drop).train()
+    scores = torch.randn(ids.shape, dtype=torch.float64)
+    out = model(ids, mask, types, token_scores=scores)[0]
+    embedded = model.embeddings(ids, types)
+    layers = model.encoder.layer
+    start, end = model.encoder.start, model.encoder.end
+    for row, length in enumerate(mask.sum(1).tolist()):
+        hidden = embedded[row, :length]
+        for layer in layers[:start]:
+            hidden = slow_layer(layer, hidden, hidden)
+        index, count = select_tokens(scores[row : row + 1], mask[row : row + 1].sum(1), keep)
+        kept_positions = index[0, : int(count)]
+        kept = slow_layer(layers[start], hidden[kept_positions], hidden)
+        for layer in layers[start + 1 : end]:
+            kept = slow_layer(layer, kept, kept)
+        hidden = hidden.clone()
+        hidden[kept_positions] = kept
+        for layer in layers[end:]:
+            hidden = slow_layer(layer, hidden, hidden)
+        torch.testing.assert_close(out[row, :length], hidden, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["dense", "token_drop", "narrow"])
+def test_padding_never_leaks_into_real_positions(mode):
+    changes = {"token_drop": {"token_drop": tokdrop.TokenDropConfig(keep=0.5)},
+               "narrow": {"narrow": tokdrop.NarrowConfig(full_layers=2)}, "dense": {}}[mode]
+    model = make(tokdrop.BertForMaskedLM, **changes).train()
+    ids, mask, types, labels = batch()
+    noisy = torch.where(mask.bool(), ids, torch.randint_like(ids, 1, BASE.vocab_size))
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # the importance table learns
+    a = model(ids, mask, types, labels)
+    model.load_state_dict(state)
+    b = model(noisy, mask, types, labels)
+    torch.testing.assert_close(real_logits(a), real_logits(b), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["dense", "token_drop", "narrow"])
+def test_gradients_reach_exactly_the_trainable_parameters(mode):
+    changes = {"token_drop": {"token_drop": tokdrop.TokenDropConfig(keep=0.5)},
+               "narrow": {"narrow": tokdrop.NarrowConfig(full_layers=2)}, "dense": {}}[mode]
+    model = make(tokdrop.BertForMaskedLM, **changes).train()
+    ids, mask, types, labels = batch()
+    model(ids, mask, types, labels).loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    for name, buffer in model.named_buffers():
+        assert not buffer.requires_grad, name
+    # Positions past the sequence length take no part, so their embeddings get no gradient.
+    embedding_grad = model.bert.embeddings.position_embeddings.weight.grad
+    assert embedding_grad[ids.shape[1]:].abs().sum() == 0
+
+
+def test_mlm_importance_updates_in_training_only():
+    model = make(tokdrop.BertForMaskedLM, token_drop=tokdrop.TokenDropConfig(keep=0.5, allow_ids=(4,)))
+    ids, mask, types, labels = batch()
+    before = model.bert.token_importance.table.clone()
+    model.eval()(ids, mask, types, labels)
+    assert torch.equal(model.bert.token_importance.table, before)
+    model.train()(ids, mask, types, labels)
+    changed = (model.bert.token_importance.table != before).nonzero().flatten()
+    predicted = labels[labels >= 0].unique()
+    assert set(changed.tolist()) == set(predicted.tolist()) - {0, 4}
+
+
+def test_sequence_classification_narrow_uses_cls_query_only():
+    dense = make(tokdrop.BertForSequenceClassification).eval()
+    narrow = share_weights(
+        make(tokdrop.BertForSequenceClassification, narrow=tokdrop.NarrowConfig(full_layers=3)), dense
+    ).eval()
+    ids, mask, types, _ = batch()
+    labels = torch.tensor([0, 1, 1, 0])
+    a, b = dense(ids, mask, types, labels), narrow(ids, mask, types, labels)
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=1e-12)
+
+
+def test_sequence_classification_fine_tunes_without_dropping():
+    model = make(tokdrop.BertForSequenceClassification, token_drop=tokdrop.TokenDropConfig(keep=0.5))
+    dense = share_weights(make(tokdrop.BertForSequenceClassification), model)
+    ids, mask, types, _ = batch()
+    torch.testing.assert_close(model.train()(ids, mask, types).logits, dense.train()(ids, mask, types).logits,
+                               rtol=0, atol=0)
+
+
+def test_fixed_prediction_slots_match_counted_slots():
+    ids, mask, types, labels = batch()
+    counted = make(tokdrop.BertForMaskedLM).eval()
+    fixed = share_weights(make(tokdrop.BertForMaskedLM, max_predictions_per_seq=15), counted).eval()
+    a, b = counted(ids, mask, types, labels), fixed(ids, mask, types, labels)
+    assert b.logits.shape[1] == 15 and a.logits.shape[1] == int((labels >= 0).sum(1).max())
+    torch.testing.assert_close(real_logits(b), real_logits(a), rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="more than the 2 slots"):
+        share_weights(make(tokdrop.BertForMaskedLM, max_predictions_per_seq=2), counted)(ids, mask, types, labels)
