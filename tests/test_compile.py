@@ -44,7 +44,7 @@ def test_compiled_training_matches_eager_without_recompiling(mode):
     graphs_after_first = None
     for step, (ids, mask, labels) in enumerate(batches(4)):
         losses = []
-        for model, optimizer in zip((eager, compiled), optimizers):
+        for model, optimizer in zip((eager, compiled), optimizers, strict=True):
             loss = model(ids, mask, labels=labels).loss
             loss.backward()
             optimizer.step()

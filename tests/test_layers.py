@@ -8,7 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tokdrop.layers import (
-    TokenDropEncoder, TokenImportance, drop_tokens, kept_counts, pack_positions, restore_tokens,
+    TokenDropEncoder,
+    TokenImportance,
+    drop_tokens,
+    kept_counts,
+    pack_positions,
+    restore_tokens,
     select_tokens,
 )
 
@@ -137,7 +142,7 @@ def test_token_drop_schedule(num_layers, start, end):
 def reference_importance(table, labels, losses, beta, allow, pad):
     table = table.clone()
     groups = {}
-    for label, loss in zip(labels.tolist(), losses.tolist()):
+    for label, loss in zip(labels.tolist(), losses.tolist(), strict=True):
         if label >= 0 and math.isfinite(loss):
             groups.setdefault(label, []).append(loss)
     for token, values in groups.items():

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -31,10 +30,16 @@ _OTHER_HEADS = ("cls.", "classifier.", "qa_outputs.")
 def write_atomically(path: Path, write: Any) -> None:
     """Call write(temp_path) and rename the result onto `path`, so a crash leaves the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # An ordinary file's mode (0o666 less the umask), kept even if `write` replaces the file
+    # (safetensors' save_file leaves 0o600, as mkstemp would).
+    os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
+        mode = os.stat(temp).st_mode
         write(temp)
+        os.chmod(temp, mode)
+        with open(temp, "rb+") as written:
+            os.fsync(written.fileno())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -56,16 +61,22 @@ def _model_key(key: str, prefix: str) -> str:
 
 def _read_weights(directory: Path) -> dict[str, Tensor]:
     safetensors_path, pytorch_path = directory / SAFETENSORS_NAME, directory / PYTORCH_NAME
+    path = safetensors_path if safetensors_path.is_file() else pytorch_path
+    if not path.is_file():
+        present = sorted(p.name for p in directory.iterdir())
+        raise ValueError(f"{directory} has no {SAFETENSORS_NAME} or {PYTORCH_NAME} (it holds {present})")
     try:
-        if safetensors_path.is_file():
-            return load_file(safetensors_path)
-        if pytorch_path.is_file():
-            return torch.load(pytorch_path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError) as err:
-        path = safetensors_path if safetensors_path.is_file() else pytorch_path
+        if path == safetensors_path:
+            return load_file(path)
+        # weights_only=True refuses anything but tensors and containers.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a corrupt file raises anything from SafetensorError to IndexError
         raise ValueError(f"cannot read weights from {path}: {err}") from err
-    present = sorted(p.name for p in directory.iterdir())
-    raise ValueError(f"{directory} has no {SAFETENSORS_NAME} or {PYTORCH_NAME} (it holds {present})")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{path} must hold a state_dict (a dict of name -> tensor), "
+                         f"got {type(state).__name__}")
+    return state
 
 
 def read_config(directory: str | os.PathLike, **overrides: Any) -> BertConfig:
@@ -78,7 +89,10 @@ def read_config(directory: str | os.PathLike, **overrides: Any) -> BertConfig:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-    return BertConfig.from_dict(raw, **overrides)
+    try:
+        return BertConfig.from_dict(raw, **overrides)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 class PretrainedMixin:
@@ -94,12 +108,14 @@ class PretrainedMixin:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k not in _TIED_KEYS}
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if k not in _TIED_KEYS}
         config = self.config.to_dict() | {"architectures": [type(self).__name__], "tie_word_embeddings": True}
+        # Serialised before anything is written, so a config that cannot be saved changes nothing.
+        config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         write_atomically(directory / SAFETENSORS_NAME,
                          lambda temp: save_file(state, temp, metadata={"format": "pt"}))
-        write_atomically(directory / CONFIG_NAME,
-                         lambda temp: Path(temp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+        write_atomically(directory / CONFIG_NAME, lambda temp: Path(temp).write_text(config_text))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **config_overrides: Any):
@@ -107,18 +123,27 @@ class PretrainedMixin:
         token_drop=TokenDropConfig(...) to continue pretraining a dense checkpoint with dropping."""
         directory = Path(directory)
         if not directory.is_dir():
-            raise ValueError(f"checkpoint directory {directory} does not exist")
+            problem = "is not a directory" if directory.exists() else "does not exist"
+            raise ValueError(f"checkpoint directory {directory} {problem}")
         model = cls(read_config(directory, **config_overrides))
         expected = {k: v for k, v in model.state_dict().items() if k not in _TIED_KEYS}
         loaded: dict[str, Tensor] = {}
         unexpected = []
+        decoder = None
         for key, value in _read_weights(directory).items():
             name = _model_key(key, cls.checkpoint_prefix)
             if name in expected:
                 loaded[name] = value
+            elif name == _TIED_KEYS[0]:
+                decoder = value
             elif not (name.startswith(_OTHER_HEADS) or name in _TIED_KEYS or name.endswith("position_ids")
-                      or "token_importance." in name):
+                      or "token_importance." in name or name.startswith(cls.checkpoint_prefix + "pooler.")):
                 unexpected.append(key)
+        embeddings = loaded.get(cls.checkpoint_prefix + "embeddings.word_embeddings.weight")
+        if (decoder is not None and embeddings is not None and _TIED_KEYS[0] in model.state_dict()
+                and not torch.equal(decoder, embeddings)):
+            raise ValueError(f"{directory}: {_TIED_KEYS[0]} differs from the word embeddings; "
+                             f"tokdrop ties them, so an untied MLM decoder cannot be loaded")
         for name, value in loaded.items():
             if value.shape != expected[name].shape:
                 raise ValueError(f"{directory}: {name} has shape {tuple(value.shape)}, "
@@ -126,7 +151,8 @@ class PretrainedMixin:
         missing = [k for k in expected if k not in loaded and "token_importance." not in k]
         required = [k for k in missing if not k.startswith(cls.optional_keys)]
         if required:
-            raise ValueError(f"{directory} lacks {len(required)} weights of {cls.__name__}, e.g. {required[:3]}")
+            raise ValueError(f"{directory} lacks {len(required)} weights of {cls.__name__}, "
+                             f"e.g. {required[:3]}")
         if missing:
             warnings.warn(f"{cls.__name__}: {len(missing)} weights not in {directory} are freshly "
                           f"initialised: {missing[:4]}", stacklevel=2)

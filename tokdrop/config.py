@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from tokdrop.kernels.attention import BACKENDS
+
 IMPORTANCE_MODES = ("mlm_loss", "random")
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 
@@ -117,6 +119,11 @@ class BertConfig:
                      "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
             _check_int(name, getattr(self, name), 1)
         _check_int("pad_token_id", self.pad_token_id, 0)
+        if self.pad_token_id >= self.vocab_size:
+            raise ValueError(f"pad_token_id={self.pad_token_id} is outside vocab_size={self.vocab_size}")
+        if self.attn_backend is not None and self.attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend={self.attn_backend!r} is not an attention backend; "
+                             f"expected None or one of {BACKENDS}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not a multiple of "

@@ -8,7 +8,7 @@ Layer protocol. `TokenDropEncoder` and `NarrowEncoder` wrap a stack of layers, e
                          row b holds x_lens[b] real tokens first, then padding
     kv       [B, Lk, H]  where keys and values come from; None = x itself (self-attention),
                          with kv_lens[b] real tokens first
-    
+
 `BertLayer` below follows it. Padding rows may hold any finite values; nothing reads them.
 
 Index layout. Selections of positions are [B, K] index tensors plus per-row counts: the first

@@ -12,7 +12,13 @@ from torch import Tensor, nn
 from tokdrop.checkpoint import PretrainedMixin
 from tokdrop.config import BertConfig
 from tokdrop.layers import (
-    _ACTIVATIONS, BertLayer, NarrowEncoder, TokenDropEncoder, TokenImportance, _eager, drop_tokens,
+    _ACTIVATIONS,
+    BertLayer,
+    NarrowEncoder,
+    TokenDropEncoder,
+    TokenImportance,
+    _eager,
+    drop_tokens,
     pack_positions,
 )
 
@@ -66,8 +72,24 @@ def check_inputs(config: BertConfig, input_ids: Tensor, attention_mask: Tensor |
         empty = (attention_mask.sum(dim=1) == 0).nonzero()
         if len(empty):
             raise ValueError(f"row {int(empty[0, 0])} of attention_mask has no real tokens")
-        if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-            raise ValueError("attention_mask must be right-padded: each row all ones, then all zeros")
+        left_padded = (attention_mask[:, 1:] > attention_mask[:, :-1]).any(dim=1).nonzero()
+        if len(left_padded):
+            raise ValueError(f"row {int(left_padded[0, 0])} of attention_mask is not right-padded: "
+                             "each row must be all ones, then all zeros")
+
+
+def check_labels(labels: object, shape: tuple[int, ...], low: int, high: int) -> None:
+    """Labels must be an integer tensor of `shape` with values in [low, high) or IGNORE_INDEX."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != shape:
+        raise ValueError(f"labels must have shape {shape}, got {tuple(labels.shape)}")
+    if _eager():
+        bad = labels[((labels < low) | (labels >= high)) & (labels != IGNORE_INDEX)]
+        if len(bad):
+            raise ValueError(f"labels must be in [{low}, {high}) or {IGNORE_INDEX}, got {int(bad[0])}")
 
 
 class BertEmbeddings(nn.Module):
@@ -146,6 +168,15 @@ class BertModel(PretrainedMixin, nn.Module):
         """query_index [B, M] / query_lens [B] (index layout of tokdrop.layers): return only these
         positions. token_scores [B, S]: importance that overrides the model's own for dropping."""
         check_inputs(self.config, input_ids, attention_mask, token_type_ids)
+        return self.encode(input_ids, attention_mask, token_type_ids, query_index=query_index,
+                           query_lens=query_lens, token_scores=token_scores)
+
+    def encode(
+        self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None,
+        *, query_index: Tensor | None = None, query_lens: Tensor | None = None,
+        token_scores: Tensor | None = None,
+    ) -> BertOutput:
+        """forward() without the input checks, for the heads that ran them already."""
         batch, seq_len = input_ids.shape
         if attention_mask is None:
             lengths = torch.full((batch,), seq_len, dtype=torch.long, device=input_ids.device)
@@ -157,6 +188,9 @@ class BertModel(PretrainedMixin, nn.Module):
         else:
             scores = None
             if self.training and self.token_importance is not None:
+                if token_scores is not None and token_scores.shape != input_ids.shape:
+                    raise ValueError(f"token_scores has shape {tuple(token_scores.shape)} but input_ids has "
+                                     f"{tuple(input_ids.shape)}")
                 scores = self.token_importance.scores(input_ids) if token_scores is None else token_scores
             hidden = self.encoder(hidden, lengths, scores)
             if query_index is not None:
@@ -214,19 +248,16 @@ class BertForMaskedLM(PretrainedMixin, nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
         labels: Tensor | None = None, *, token_scores: Tensor | None = None,
     ) -> MaskedLMOutput:
+        check_inputs(self.config, input_ids, attention_mask, token_type_ids)
         if labels is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
             counts = torch.full_like(positions[:, 0], input_ids.shape[1])
-            hidden = self.bert(input_ids, attention_mask, token_type_ids, token_scores=token_scores)[0]
+            hidden = self.bert.encode(input_ids, attention_mask, token_type_ids, token_scores=token_scores)[0]
             return MaskedLMOutput(None, self.cls.predictions(hidden), positions, counts)
-        if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(input_ids.shape):
-            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {tuple(getattr(labels, 'shape', ()))} ({type(labels).__name__})")
-        if _eager() and bool(((labels < 0) & (labels != IGNORE_INDEX) | (labels >= self.config.vocab_size)).any()):
-            raise ValueError(f"labels must be token ids in [0, {self.config.vocab_size}) or {IGNORE_INDEX}")
+        check_labels(labels, tuple(input_ids.shape), 0, self.config.vocab_size)
         positions, counts = self._prediction_slots(labels)
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, query_index=positions,
-                           query_lens=counts, token_scores=token_scores)[0]
+        hidden = self.bert.encode(input_ids, attention_mask, token_type_ids, query_index=positions,
+                                  query_lens=counts, token_scores=token_scores)[0]
         logits = self.cls.predictions(hidden)
         slot_valid = torch.arange(positions.shape[1], device=positions.device) < counts[:, None]
         targets = torch.where(slot_valid, labels.gather(1, positions), IGNORE_INDEX)
@@ -260,26 +291,28 @@ class BertForSequenceClassification(PretrainedMixin, nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
         labels: Tensor | None = None,
     ) -> SequenceClassifierOutput:
+        check_inputs(self.config, input_ids, attention_mask, token_type_ids)
         query_index = query_lens = None
         if self.config.narrow is not None:
             query_index = torch.zeros_like(input_ids[:, :1])
             query_lens = torch.ones_like(input_ids[:, 0])
-        pooled = self.bert(input_ids, attention_mask, token_type_ids,
-                           query_index=query_index, query_lens=query_lens).pooler_output
+        pooled = self.bert.encode(input_ids, attention_mask, token_type_ids,
+                                  query_index=query_index, query_lens=query_lens).pooler_output
         logits = self.classifier(self.dropout(pooled))
         if labels is None:
             return SequenceClassifierOutput(None, logits)
-        if not isinstance(labels, Tensor) or tuple(labels.shape) != (input_ids.shape[0],):
-            raise ValueError(f"labels must have shape ({input_ids.shape[0]},), "
-                             f"got {tuple(getattr(labels, 'shape', ()))} ({type(labels).__name__})")
         if self.config.num_labels == 1:
+            if not isinstance(labels, Tensor) or tuple(labels.shape) != (input_ids.shape[0],):
+                raise ValueError(f"regression labels must be a tensor of shape ({input_ids.shape[0]},), "
+                                 f"got {tuple(getattr(labels, 'shape', ()))} ({type(labels).__name__})")
             loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
         else:
-            loss = F.cross_entropy(logits.float(), labels)
+            check_labels(labels, (input_ids.shape[0],), 0, self.config.num_labels)
+            loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
         return SequenceClassifierOutput(loss, logits)
 
 
 __all__ = [
     "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "BertOutput", "MaskedLMOutput",
-    "SequenceClassifierOutput", "check_inputs",
+    "SequenceClassifierOutput", "check_inputs", "check_labels",
 ]
