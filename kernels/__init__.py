@@ -3,6 +3,10 @@
 Installed as ``tokdrop.kernels``; imports nothing from the rest of tokdrop.
 """
 
-from .attention import BACKENDS, attention, attention_reference, resolve_backend
+from .attention import BACKENDS, attention, attention_reference, register_backend, resolve_backend
+from .rows import drop_tokens, drop_tokens_reference, restore_tokens, restore_tokens_reference
 
-__all__ = ["BACKENDS", "attention", "attention_reference", "resolve_backend"]
+__all__ = [
+    "BACKENDS", "attention", "attention_reference", "drop_tokens", "drop_tokens_reference", "register_backend",
+    "resolve_backend", "restore_tokens", "restore_tokens_reference",
+]

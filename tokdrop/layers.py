@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokdrop.config import BertConfig, check_keep, drop_schedule
-from tokdrop.kernels import attention
+from tokdrop.kernels import attention, drop_tokens, restore_tokens
 
 # A float keep fraction is turned into a count with ceil(keep * length); the slack absorbs binary
 # rounding such as 0.3 * 10 = 3.0000000000000004.
@@ -105,21 +105,6 @@ def select_tokens(scores: Tensor, lengths: Tensor, keep: float | int) -> tuple[T
     rank = torch.empty_like(ranked).scatter_(1, ranked, positions.expand(batch, -1))
     keep_mask = rank < kept_counts(lengths, keep)[:, None]
     return pack_positions(keep_mask, size)
-
-
-def drop_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """Rows of x [B, S, H] at index [B, K] -> [B, K, H]."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def restore_tokens(saved: Tensor, kept: Tensor, index: Tensor, counts: Tensor) -> Tensor:
-    """Scatter kept [B, K, H] back into saved [B, S, H] at the first counts[b] slots of index [B, K];
-    every other position keeps its saved state."""
-    slot_valid = torch.arange(index.shape[1], device=index.device) < counts[:, None]
-    # Unused slots write back what was saved there, so the scatter is a permutation-free no-op
-    # for them and its gradient stays exact (index rows hold distinct positions).
-    rows = torch.where(slot_valid[..., None], kept, drop_tokens(saved, index))
-    return saved.scatter(1, index.unsqueeze(-1).expand(-1, -1, saved.shape[-1]), rows)
 
 
 class TokenImportance(nn.Module):

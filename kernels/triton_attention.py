@@ -1,0 +1,590 @@
+"""Triton flash attention over query subsets: variable lengths, no causal mask, forward and backward.
+
+One kernel family serves three layouts through strides and compile-time flags:
+
+    padded    q [B, Lq, NH, D], k/v [B, Lk, NH, D], q_lens/k_lens [B]
+              -> out [B, Lq, NH, D] (rows >= q_lens[b] exactly 0), lse [B, NH, Lq] (0 on padding)
+    gathered  q [B, S, NH, D] read at rows q_index[b, j], j < q_lens[b] (distinct), k/v as padded
+              -> out [B, K, NH, D] and lse [B, NH, K] by slot j; dq is [B, S, NH, D], 0 off the index
+    packed    q [Tq, NH, D], k/v [Tk, NH, D], cu_seqlens_q/k [B+1] int, cu_seqlens[-1] == T
+              -> out [Tq, NH, D], lse [NH, Tq]
+
+Sequence b's queries see exactly its first k_lens[b] keys; a sequence with queries needs a key.
+lse is the natural-log log-sum-exp of the scaled scores, in float32. Accumulation is float32 for
+float32/float16/bfloat16 inputs; float32 matmuls run in IEEE precision (no TF32).
+
+Attention dropout draws Philox numbers keyed by (seed, b * NH + h, query slot, key position), so the
+backward pass regenerates the forward mask; `dropout_keep_mask` materialises it for tests.
+Query blocks without valid queries skip the key loop (q_lens 0 costs no compute), and key blocks
+without valid keys skip the query loop; both still write their zeros.
+
+The kernels are registered as the custom ops ``tokdrop::attention_fwd`` / ``tokdrop::attention_bwd``
+(fake + autograd), opaque to torch.compile, so fullgraph compilation sees no graph break and the
+same registration runs on CPU under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+HEAD_DIMS = (32, 64, 128)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Softmax runs in base 2 (exp2 is the fast path on GPUs): exp(x) == exp2(x * LOG2E).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _seq_bounds(SEQ, b, PACKED: tl.constexpr):
+    """(first token, length) of sequence b: SEQ holds cumulative offsets when packed, else lengths."""
+    if PACKED:
+        start = tl.load(SEQ + b)
+        length = tl.load(SEQ + b + 1) - start
+    else:
+        start = 0
+        length = tl.load(SEQ + b)
+    return start, length
+
+
+@triton.jit
+def _query_tokens(Q_INDEX, b, sib, q_start, rows, row_ok, GATHER_Q: tl.constexpr):
+    """Token row of each query slot in q: looked up in q_index when the gather is fused."""
+    if GATHER_Q:
+        tokens = tl.load(Q_INDEX + b * sib + rows, mask=row_ok, other=0)
+    else:
+        tokens = q_start + rows
+    return tokens
+
+
+@triton.jit
+def _dropout_keep(seed, dropout_p, bh, q_slot, k_pos, MAX_K):
+    """Keep-mask shaped like q_slot + k_pos; a pure function of its arguments."""
+    return tl.rand(seed + bh, q_slot * MAX_K + k_pos) >= dropout_p
+
+
+@triton.jit
+def _dot(a, b):
+    """a @ b in float32. The Triton interpreter multiplies bfloat16 tiles as raw integers, so it gets
+    float32 copies: the same numbers, since bf16 products are exact in fp32 as on the GPU."""
+    if _UPCAST_DOTS:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+# TRITON_INTERPRET=1, set before these kernels were defined, makes them CPU-runnable interpreters.
+INTERPRETED = not isinstance(_dot, triton.runtime.JITFunction)
+_UPCAST_DOTS = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, LSE, Q_SEQ, K_SEQ, Q_INDEX, SEED,
+    scale, dropout_p,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
+    slb, slh, slt, sib,
+    NH, MAX_Q, MAX_K,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, GATHER_Q: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    # One program per (b, h, block of query slots); consecutive programs share K/V in L2.
+    num_m = tl.cdiv(MAX_Q, BLOCK_M)
+    bh = tl.program_id(0) // num_m
+    start_m = (tl.program_id(0) % num_m) * BLOCK_M
+    b = bh // NH
+    h = bh % NH
+    q_start, q_len = _seq_bounds(Q_SEQ, b, PACKED)
+    k_start, k_len = _seq_bounds(K_SEQ, b, PACKED)
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    dims = tl.arange(0, HEAD_DIM)
+    q_tok = _query_tokens(Q_INDEX, b, sib, q_start, rows, row_ok, GATHER_Q)
+    q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqt + dims[None, :] * sqd,
+                mask=row_ok[:, None], other=0.0)
+    K += b * skb + h * skh + k_start * skt
+    V += b * svb + h * svh + k_start * svt
+    if DROPOUT:
+        seed = tl.load(SEED)
+
+    qk_scale = scale * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    hi = tl.where(start_m < q_len, k_len, 0)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < k_len
+        kt = tl.load(K + cols[None, :] * skt + dims[:, None] * skd, mask=col_ok[None, :], other=0.0)
+        s = _dot(q, kt) * qk_scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            # The normaliser l_i sums the kept and the dropped probabilities alike.
+            p = tl.where(_dropout_keep(seed, dropout_p, bh, rows[:, None], cols[None, :], MAX_K), p, 0.0)
+        v = tl.load(V + cols[:, None] * svt + dims[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+        m_i = m_new
+    if DROPOUT:
+        acc = acc / (1.0 - dropout_p)
+
+    l_safe = tl.where(row_ok, l_i, 1.0)
+    out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(row_ok, (m_i + tl.log2(l_safe)) * LN2, 0.0)
+    if PACKED:
+        store_ok = row_ok  # rows past the sequence belong to the next one
+    else:
+        store_ok = rows < MAX_Q  # padding rows get their zeros
+    o_rows = q_start + rows
+    tl.store(Out + b * sob + h * soh + o_rows[:, None] * sot + dims[None, :] * sod,
+             out.to(Out.dtype.element_ty), mask=store_ok[:, None])
+    tl.store(LSE + b * slb + h * slh + o_rows * slt, lse, mask=store_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out, DO, DELTA, Q_SEQ,
+    sob, sot, soh, sod, sdb, sdt, sdh, sdd, slb, slh, slt,
+    NH, MAX_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PACKED: tl.constexpr,
+):
+    """delta = rowsum(dO * O), the softmax-backward correction term, in the layout of lse."""
+    num_m = tl.cdiv(MAX_Q, BLOCK_M)
+    bh = tl.program_id(0) // num_m
+    start_m = (tl.program_id(0) % num_m) * BLOCK_M
+    b = bh // NH
+    h = bh % NH
+    q_start, q_len = _seq_bounds(Q_SEQ, b, PACKED)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    dims = tl.arange(0, HEAD_DIM)
+    o_rows = q_start + rows
+    o = tl.load(Out + b * sob + h * soh + o_rows[:, None] * sot + dims[None, :] * sod,
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + o_rows[:, None] * sdt + dims[None, :] * sdd,
+                 mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if PACKED:
+        store_ok = row_ok
+    else:
+        store_ok = rows < MAX_Q
+    tl.store(DELTA + b * slb + h * slh + o_rows * slt, delta, mask=store_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_SEQ, K_SEQ, Q_INDEX, SEED,
+    scale, dropout_p,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdb, sdt, sdh, sdd,
+    sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, slb, slh, slt, sib,
+    NH, MAX_Q, MAX_K,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, GATHER_Q: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    # One program per (b, h, block of keys), looping over the query blocks: no atomics.
+    num_n = tl.cdiv(MAX_K, BLOCK_N)
+    bh = tl.program_id(0) // num_n
+    start_n = (tl.program_id(0) % num_n) * BLOCK_N
+    b = bh // NH
+    h = bh % NH
+    q_start, q_len = _seq_bounds(Q_SEQ, b, PACKED)
+    k_start, k_len = _seq_bounds(K_SEQ, b, PACKED)
+
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < k_len
+    dims = tl.arange(0, HEAD_DIM)
+    k_rows = k_start + cols
+    k = tl.load(K + b * skb + h * skh + k_rows[:, None] * skt + dims[None, :] * skd,
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * svb + h * svh + k_rows[:, None] * svt + dims[None, :] * svd,
+                mask=col_ok[:, None], other=0.0)
+    Q += b * sqb + h * sqh
+    DO += b * sdb + h * sdh + q_start * sdt
+    LSE += b * slb + h * slh + q_start * slt
+    DELTA += b * slb + h * slh + q_start * slt
+    if DROPOUT:
+        seed = tl.load(SEED)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+
+    qk_scale = scale * LOG2E
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    hi = tl.where(start_n < k_len, q_len, 0)
+    for start_m in range(0, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len
+        q_tok = _query_tokens(Q_INDEX, b, sib, q_start, rows, row_ok, GATHER_Q)
+        q = tl.load(Q + q_tok[:, None] * sqt + dims[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + rows[:, None] * sdt + dims[None, :] * sdd, mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(LSE + rows * slt, mask=row_ok, other=0.0) * LOG2E
+        delta = tl.load(DELTA + rows * slt, mask=row_ok, other=0.0)
+        # Transposed scores [keys, queries]; padding rows and columns get probability 0.
+        s_t = _dot(k, tl.trans(q)) * qk_scale
+        p_t = tl.where(col_ok[:, None] & row_ok[None, :], tl.exp2(s_t - lse2[None, :]), 0.0)
+        dp_t = _dot(v, tl.trans(do))
+        if DROPOUT:
+            keep_t = _dropout_keep(seed, dropout_p, bh, rows[None, :], cols[:, None], MAX_K)
+            dv += _dot(tl.where(keep_t, p_t * keep_scale, 0.0).to(do.dtype), do)
+            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+        else:
+            dv += _dot(p_t.to(do.dtype), do)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q)
+    dk = dk * scale
+
+    if PACKED:
+        store_ok = col_ok
+    else:
+        store_ok = cols < MAX_K
+    tl.store(DK + b * sdkb + h * sdkh + k_rows[:, None] * sdkt + dims[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=store_ok[:, None])
+    tl.store(DV + b * sdvb + h * sdvh + k_rows[:, None] * sdvt + dims[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=store_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, Q_SEQ, K_SEQ, Q_INDEX, SEED,
+    scale, dropout_p,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdb, sdt, sdh, sdd,
+    sdqb, sdqt, sdqh, sdqd, slb, slh, slt, sib,
+    NH, MAX_Q, MAX_K,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, GATHER_Q: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    # One program per (b, h, block of query slots), looping over the key blocks.
+    num_m = tl.cdiv(MAX_Q, BLOCK_M)
+    bh = tl.program_id(0) // num_m
+    start_m = (tl.program_id(0) % num_m) * BLOCK_M
+    b = bh // NH
+    h = bh % NH
+    q_start, q_len = _seq_bounds(Q_SEQ, b, PACKED)
+    k_start, k_len = _seq_bounds(K_SEQ, b, PACKED)
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    dims = tl.arange(0, HEAD_DIM)
+    q_tok = _query_tokens(Q_INDEX, b, sib, q_start, rows, row_ok, GATHER_Q)
+    o_rows = q_start + rows
+    q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqt + dims[None, :] * sqd,
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + o_rows[:, None] * sdt + dims[None, :] * sdd,
+                 mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + b * slb + h * slh + o_rows * slt, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + b * slb + h * slh + o_rows * slt, mask=row_ok, other=0.0)
+    K += b * skb + h * skh + k_start * skt
+    V += b * svb + h * svh + k_start * svt
+    if DROPOUT:
+        seed = tl.load(SEED)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+
+    qk_scale = scale * LOG2E
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    hi = tl.where(start_m < q_len, k_len, 0)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < k_len
+        k = tl.load(K + cols[:, None] * skt + dims[None, :] * skd, mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + cols[:, None] * svt + dims[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v))
+        if DROPOUT:
+            keep = _dropout_keep(seed, dropout_p, bh, rows[:, None], cols[None, :], MAX_K)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k)
+    dq = dq * scale
+
+    if PACKED or GATHER_Q:
+        store_ok = row_ok  # other sequences' rows, or (gathered) rows of q outside the index
+    else:
+        store_ok = rows < MAX_Q
+    tl.store(DQ + b * sdqb + h * sdqh + q_tok[:, None] * sdqt + dims[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=store_ok[:, None])
+
+
+@triton.jit
+def _dropout_mask_kernel(SEED, MASK, dropout_p, MAX_Q, MAX_K, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(tl.load(SEED), dropout_p, bh, rows[:, None], cols[None, :], MAX_K)
+    ok = (rows[:, None] < MAX_Q) & (cols[None, :] < MAX_K)
+    tl.store(MASK + (bh * MAX_Q + rows[:, None]) * MAX_K + cols[None, :], keep.to(tl.int8), mask=ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _config(head_dim: int, device: torch.device) -> dict[str, int]:
+    """Block sizes. GPU values are starting points to tune; the interpreter uses blocks of 16 so that
+    the small test shapes still cross block boundaries."""
+    if device.type != "cuda":
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if head_dim <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
+def _bwd_config(head_dim: int, device: torch.device) -> dict[str, int]:
+    if device.type != "cuda":
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
+def _strides(t: Tensor, packed: bool) -> tuple[int, ...]:
+    """(batch, token, head, dim) strides, or (batch, head, token) for lse; packed has no batch axis."""
+    return (0, *t.stride()) if packed else t.stride()
+
+
+def _new_outputs(q: Tensor, max_q: int, packed: bool) -> tuple[Tensor, Tensor]:
+    """Uninitialised (out, lse): the forward kernel writes every element."""
+    nh, d = q.shape[-2], q.shape[-1]
+    if packed:
+        return q.new_empty(q.shape), q.new_empty((nh, q.shape[0]), dtype=torch.float32)
+    return q.new_empty((q.shape[0], max_q, nh, d)), q.new_empty((q.shape[0], nh, max_q), dtype=torch.float32)
+
+
+def _new_grads(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    # With a fused gather only the indexed rows of dq are written.
+    dq = torch.zeros_like(q) if q_index is not None else torch.empty_like(q)
+    return dq, torch.empty_like(k), torch.empty_like(v)
+
+
+def _flags(q_index: Tensor | None, dropout_p: float, packed: bool) -> dict[str, bool]:
+    return dict(PACKED=packed, GATHER_Q=q_index is not None, DROPOUT=dropout_p > 0.0)
+
+
+def _dense(*tensors: Tensor | None) -> list[Tensor | None]:
+    """The kernels index lengths, offsets and q_index rows with unit stride."""
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+def _index_stride(q_index: Tensor | None) -> int:
+    return 0 if q_index is None else q_index.stride(0)
+
+
+def _batch(q: Tensor, q_seq: Tensor, packed: bool) -> int:
+    return q_seq.shape[0] - 1 if packed else q.shape[0]
+
+
+def _launch_fwd(q, k, v, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, max_k, packed):
+    out, lse = _new_outputs(q, max_q, packed)
+    q_seq, k_seq, q_index = _dense(q_seq, k_seq, q_index)
+    batch, nh, d = _batch(q, q_seq, packed), q.shape[-2], q.shape[-1]
+    cfg = _config(d, q.device)
+    grid = (batch * nh * triton.cdiv(max_q, cfg["BLOCK_M"]),)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dropout_p,
+        *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(out, packed),
+        *_strides(lse, packed), _index_stride(q_index),
+        nh, max_q, max_k, HEAD_DIM=d, **_flags(q_index, dropout_p, packed), **cfg,
+    )
+    return out, lse
+
+
+def _launch_bwd(dout, q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, max_k,
+                packed):
+    q_seq, k_seq, q_index = _dense(q_seq, k_seq, q_index)
+    batch, nh, d = _batch(q, q_seq, packed), q.shape[-2], q.shape[-1]
+    dq, dk, dv = _new_grads(q, k, v, q_index)
+    delta = torch.empty_like(lse)
+    cfg = _bwd_config(d, q.device)
+    flags = _flags(q_index, dropout_p, packed)
+    q_blocks = batch * nh * triton.cdiv(max_q, cfg["BLOCK_M"])
+    k_blocks = batch * nh * triton.cdiv(max_k, cfg["BLOCK_N"])
+    _attn_bwd_preprocess_kernel[(q_blocks,)](
+        out, dout, delta, q_seq, *_strides(out, packed), *_strides(dout, packed),
+        *_strides(lse, packed), nh, max_q, HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], PACKED=packed,
+    )
+    common = (*_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(dout, packed))
+    _attn_bwd_dkdv_kernel[(k_blocks,)](
+        q, k, v, dout, lse, delta, dk, dv, q_seq, k_seq, q_index, seed, scale, dropout_p,
+        *common, *_strides(dk, packed), *_strides(dv, packed), *_strides(lse, packed),
+        _index_stride(q_index), nh, max_q, max_k, HEAD_DIM=d, **flags, **cfg,
+    )
+    _attn_bwd_dq_kernel[(q_blocks,)](
+        q, k, v, dout, lse, delta, dq, q_seq, k_seq, q_index, seed, scale, dropout_p,
+        *common, *_strides(dq, packed), *_strides(lse, packed),
+        _index_stride(q_index), nh, max_q, max_k, HEAD_DIM=d, **flags, **cfg,
+    )
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# Ops: q_seq/k_seq are lengths [B], or cumulative offsets [B+1] when packed; max_q/max_k bound the
+# sequence lengths (padded: the number of query slots and of key rows)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tokdrop::attention_fwd", mutates_args=())
+def attention_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, q_seq: Tensor, k_seq: Tensor, q_index: Tensor | None,
+    seed: Tensor | None, scale: float, dropout_p: float, max_q: int, max_k: int, packed: bool,
+) -> tuple[Tensor, Tensor]:
+    return _launch_fwd(q, k, v, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, max_k, packed)
+
+
+@attention_fwd_op.register_fake
+def _(q, k, v, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, max_k, packed):
+    return _new_outputs(q, max_q, packed)
+
+
+@torch.library.custom_op("tokdrop::attention_bwd", mutates_args=())
+def attention_bwd_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, q_seq: Tensor,
+    k_seq: Tensor, q_index: Tensor | None, seed: Tensor | None, scale: float, dropout_p: float,
+    max_q: int, max_k: int, packed: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _launch_bwd(dout, q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dropout_p,
+                       max_q, max_k, packed)
+
+
+@attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, max_k, packed):
+    return _new_grads(q, k, v, q_index)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, q_seq, k_seq, q_index, seed, *ctx.params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, q_seq, k_seq, q_index, seed)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, q_seq, k_seq, q_index, seed = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, q_seq, k_seq, q_index, seed, *ctx.params)
+    return (dq, dk, dv) + (None,) * 9
+
+
+attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def supports(q: Tensor) -> bool:
+    """Whether the kernels take this query's dtype and head dim."""
+    return q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS
+
+
+def _check_int(name: str, t: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    """t must be an int32/int64 tensor of this shape (-1: any size) on `device`."""
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.dim() != len(shape) or any(want not in (-1, got) for want, got in zip(shape, t.shape, strict=True)):
+        raise ValueError(f"{name} must have shape {list(shape)} (-1: any), got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} like q, got {t.device}")
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, ndim: int) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-D, got shape {list(t.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"the Triton attention kernels take {DTYPES}, got {q.dtype}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head_dim {q.shape[-1]} is not supported by the Triton kernels; use one of {HEAD_DIMS}")
+    if not q.shape[-2:] == k.shape[-2:] == v.shape[-2:]:
+        raise ValueError(f"q, k, v must share (heads, head_dim), got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    if k.shape[:-2] != v.shape[:-2]:
+        raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _scale_and_seed(
+    q: Tensor, scale: float | None, dropout_p: float, seed: Tensor | None,
+) -> tuple[float, Tensor | None]:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p == 0.0:
+        seed = None
+    elif seed is None:
+        seed = torch.randint(0, 2**62, (1,), device=q.device)
+    elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != q.device:
+        raise TypeError(f"seed must be a one-element int64 tensor on {q.device}, got {seed.dtype} "
+                        f"{list(seed.shape)} on {seed.device}")
+    return q.shape[-1] ** -0.5 if scale is None else float(scale), seed
+
+
+def triton_attention(
+    q: Tensor, k: Tensor, v: Tensor, q_lens: Tensor, k_lens: Tensor, *, scale: float | None = None,
+    dropout_p: float = 0.0, q_index: Tensor | None = None, seed: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Padded-layout attention; returns (out, lse). See the module docstring for the shapes.
+
+    q_index [B, K] int fuses the query gather: q is then the full [B, S, NH, D] and slot j of row b
+    is the query q[b, q_index[b, j]] for j < q_lens[b]. seed: one-element int64 tensor keying the
+    dropout mask, drawn from torch's generator when None.
+    """
+    _check_qkv(q, k, v, 4)
+    batch = q.shape[0]
+    if k.shape[0] != batch:
+        raise ValueError(f"q and k must have the same batch size, got {list(q.shape)} and {list(k.shape)}")
+    _check_int("q_lens", q_lens, (batch,), q.device)
+    _check_int("k_lens", k_lens, (batch,), q.device)
+    if q_index is not None:
+        _check_int("q_index", q_index, (batch, -1), q.device)
+    slots = q.shape[1] if q_index is None else q_index.shape[1]
+    scale, seed = _scale_and_seed(q, scale, dropout_p, seed)
+    return attention_fwd_op(q, k, v, q_lens, k_lens, q_index, seed, scale, float(dropout_p),
+                            slots, k.shape[1], False)
+
+
+def triton_attention_varlen(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, *, scale: float | None = None, dropout_p: float = 0.0,
+    seed: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Packed-layout attention; returns (out [Tq, NH, D], lse [NH, Tq]).
+
+    max_seqlen_q/k are static upper bounds on the sequence lengths (Python ints, never read back
+    from the device).
+    """
+    _check_qkv(q, k, v, 3)
+    _check_int("cu_seqlens_q", cu_seqlens_q, (-1,), q.device)
+    _check_int("cu_seqlens_k", cu_seqlens_k, tuple(cu_seqlens_q.shape), q.device)
+    if cu_seqlens_q.shape[0] < 2:
+        raise ValueError(f"cu_seqlens_q must hold at least two offsets, got {list(cu_seqlens_q.shape)}")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    scale, seed = _scale_and_seed(q, scale, dropout_p, seed)
+    return attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, None, seed, scale, float(dropout_p),
+                            max_seqlen_q, max_seqlen_k, True)
+
+
+def dropout_keep_mask(seed: Tensor, batch: int, heads: int, max_q: int, max_k: int,
+                      dropout_p: float) -> Tensor:
+    """The kernels' keep-mask, bool [B, NH, max_q, max_k], indexed by (b, h, query slot, key position).
+
+    Slots and positions count from each sequence's start in the packed layout. Scale kept
+    probabilities by 1 / (1 - dropout_p) to match the kernels.
+    """
+    mask = torch.empty((batch, heads, max_q, max_k), dtype=torch.int8, device=seed.device)
+    grid = (batch * heads, triton.cdiv(max_q, 16), triton.cdiv(max_k, 16))
+    _dropout_mask_kernel[grid](seed, mask, dropout_p, max_q, max_k, BLOCK_M=16, BLOCK_N=16)
+    return mask.bool()
