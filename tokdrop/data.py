@@ -21,8 +21,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch import Tensor
 
+from tokdrop.model import IGNORE_INDEX  # label value of positions without a prediction
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-IGNORE_INDEX = -100  # label value for positions without a prediction (PyTorch's cross-entropy default)
 
 _MIN_PARAGRAPH_WORDS = 8
 _MIN_LETTER_FRACTION = 0.7
@@ -68,10 +69,14 @@ def split_paragraphs(text: str) -> list[str]:
         if any(line.lstrip()[:1] in "+|" for line in lines) or any(m in block for m in _CODE_MARKERS):
             continue
         paragraph = " ".join(line.strip() for line in lines)
-        letters = sum(ch.isalpha() or ch == " " for ch in paragraph)
-        if len(paragraph.split()) >= _MIN_PARAGRAPH_WORDS and letters >= _MIN_LETTER_FRACTION * len(paragraph):
+        if _reads_as_prose(paragraph):
             paragraphs.append(paragraph)
     return paragraphs
+
+
+def _reads_as_prose(paragraph: str) -> bool:
+    letters = sum(ch.isalpha() or ch == " " for ch in paragraph)
+    return len(paragraph.split()) >= _MIN_PARAGRAPH_WORDS and letters >= _MIN_LETTER_FRACTION * len(paragraph)
 
 
 def _pydoc_topic_documents() -> Iterator[tuple[str, str]]:
@@ -82,7 +87,7 @@ def _pydoc_topic_documents() -> Iterator[tuple[str, str]]:
 
 
 def _stdlib_docstring_documents() -> Iterator[tuple[str, str]]:
-    """One document per top-level standard-library module: all of its docstrings, in source order."""
+    """One document per top-level standard-library module: all of its docstrings."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(stdlib.glob("*.py")):
         try:
@@ -98,7 +103,8 @@ def _stdlib_docstring_documents() -> Iterator[tuple[str, str]]:
 
 
 def load_corpus(held_out_fraction: float = 0.1, include_docstrings: bool = True) -> Corpus:
-    """The Python-documentation corpus, split into train / held-out paragraphs by document.
+    """The Python-documentation corpus, split into train / held-out paragraphs by document, each
+    paragraph once.
 
     A document goes to held-out when the CRC-32 of its name falls in the lowest
     ``held_out_fraction`` of the 32-bit range: stable across runs and machines, unlike ``hash()``.
@@ -110,9 +116,13 @@ def load_corpus(held_out_fraction: float = 0.1, include_docstrings: bool = True)
         documents += _stdlib_docstring_documents()
     train: list[str] = []
     held_out: list[str] = []
+    seen: set[str] = set()  # the docs repeat some paragraphs; held-out text must be unseen in training
     for name, text in documents:
         split = held_out if zlib.crc32(name.encode()) < held_out_fraction * 2**32 else train
-        split.extend(split_paragraphs(text))
+        for paragraph in split_paragraphs(text):
+            if paragraph not in seen:
+                seen.add(paragraph)
+                split.append(paragraph)
     if not train or not held_out:
         raise ValueError(
             f"held_out_fraction={held_out_fraction!r} leaves {len(train)} train and "
@@ -124,26 +134,33 @@ def load_corpus(held_out_fraction: float = 0.1, include_docstrings: bool = True)
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
-def _with_bert_pipeline(tokenizer: Tokenizer) -> Tokenizer:
-    """Uncased BERT normalisation and pre-tokenisation, WordPiece decoding, [CLS] A [SEP] B [SEP]."""
+def _set_bert_pipeline(tokenizer: Tokenizer) -> None:
+    """Uncased BERT normalisation and pre-tokenisation, WordPiece decoding."""
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=None)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece(prefix="##")
-    if all(tokenizer.token_to_id(token) is not None for token in SPECIAL_TOKENS):
-        ids = special_token_ids(tokenizer)
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]",
-            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", ids.cls), ("[SEP]", ids.sep)],
-        )
-    return tokenizer
+
+
+def _set_bert_template(tokenizer: Tokenizer) -> None:
+    """BERT post-processing: [CLS] A [SEP], and [CLS] A [SEP] B [SEP] with B as segment 1."""
+    ids = special_token_ids(tokenizer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids.cls), ("[SEP]", ids.sep)],
+    )
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
-    """Train an uncased BERT-style WordPiece tokenizer; [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4."""
-    if not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
+    """Train an uncased BERT-style WordPiece tokenizer; [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
+
+    Training is not bit-reproducible across processes (tokenizers issue #1794: ties between
+    equally frequent merges follow hash-map order), so save the result to reuse a vocabulary.
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must be an int > {len(SPECIAL_TOKENS)}, got {vocab_size!r}")
-    tokenizer = _with_bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")))
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    _set_bert_pipeline(tokenizer)
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
@@ -151,7 +168,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    return _with_bert_pipeline(tokenizer)  # the post-processor needs the ids that training assigned
+    _set_bert_template(tokenizer)
+    return tokenizer
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
@@ -165,13 +183,16 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
         path = next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
         raise ValueError(f"tokenizer file {str(path)!r} does not exist")
-    if path.suffix == ".json":
-        tokenizer = Tokenizer.from_file(str(path))
-    else:
-        tokenizer = _with_bert_pipeline(Tokenizer(models.WordPiece.from_file(str(path), unk_token="[UNK]")))
-    missing = [token for token in SPECIAL_TOKENS if tokenizer.token_to_id(token) is None]
-    if missing:
-        raise ValueError(f"tokenizer {str(path)!r} lacks the special tokens {missing}")
+    try:
+        if path.suffix == ".json":
+            tokenizer = Tokenizer.from_file(str(path))
+            special_token_ids(tokenizer)
+        else:
+            tokenizer = Tokenizer(models.WordPiece.from_file(str(path), unk_token="[UNK]"))
+            _set_bert_pipeline(tokenizer)
+            _set_bert_template(tokenizer)
+    except ValueError as err:
+        raise ValueError(f"tokenizer {str(path)!r}: {err}") from None
     return tokenizer
 
 
@@ -179,7 +200,7 @@ def special_token_ids(tokenizer: Tokenizer) -> SpecialTokenIds:
     ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
     missing = [token for token, i in ids.items() if i is None]
     if missing:
-        raise ValueError(f"tokenizer lacks the special tokens {missing}")
+        raise ValueError(f"the vocabulary lacks the special tokens {missing}")
     return SpecialTokenIds(*ids.values())
 
 
@@ -216,8 +237,8 @@ def num_mlm_predictions(seq_len: int, mlm_probability: float = 0.15) -> int:
 
 
 def _check_probability(name: str, value: float, allow_zero: bool = True) -> None:
-    low_ok = value >= 0.0 if allow_zero else value > 0.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value <= 1.0):
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not (0.0 <= value <= 1.0) or (value == 0.0 and not allow_zero):
         bounds = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(f"{name} must be a probability in {bounds}, got {value!r}")
 
@@ -258,9 +279,7 @@ class MaskingCollator:
                 f"mask_replace_prob + random_replace_prob must be <= 1, got "
                 f"{mask_replace_prob!r} + {random_replace_prob!r}"
             )
-        if predictions_per_seq is not None and (
-            not isinstance(predictions_per_seq, int) or predictions_per_seq < 1
-        ):
+        if predictions_per_seq is not None and (not isinstance(predictions_per_seq, int) or predictions_per_seq < 1):
             raise ValueError(f"predictions_per_seq must be an int >= 1 or None, got {predictions_per_seq!r}")
         specials = sorted({pad_token_id, mask_token_id, *special_token_ids})
         if not isinstance(vocab_size, int) or vocab_size <= len(specials):
@@ -314,9 +333,7 @@ class MaskingCollator:
         choice = torch.rand(n_rows, seq_len, generator=g)
         to_mask = predicted & (choice < self.mask_replace_prob)
         to_random = predicted & ~to_mask & (choice < self.mask_replace_prob + self.random_replace_prob)
-        random_ids = self._random_pool[
-            torch.randint(len(self._random_pool), (n_rows, seq_len), generator=g)
-        ]
+        random_ids = self._random_pool[torch.randint(len(self._random_pool), (n_rows, seq_len), generator=g)]
         input_ids = torch.where(to_random, random_ids, ids).masked_fill_(to_mask, self.mask_token_id)
         return {
             "input_ids": input_ids,

@@ -3,6 +3,7 @@ a timed training step, held-out evaluation, and the FLOP model of a training ste
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -12,9 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from tokdrop.config import BertConfig, NarrowConfig, TokenDropConfig, drop_schedule
-from tokdrop.data import IGNORE_INDEX
 from tokdrop.layers import max_kept
-from tokdrop.model import BertForMaskedLM
+from tokdrop.model import IGNORE_INDEX, BertForMaskedLM
 
 VARIANTS = ("dense", "token_drop", "narrow")
 
@@ -169,3 +169,95 @@ def training_flops(
     head = (1 + _LINEAR_BACKWARD) * 2 * decoded * (hidden * hidden + hidden * config.vocab_size)
     return encoder + head
 
+
+# ------------------------------------------------------------------------------ command-line plumbing
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned, a rule under the header."""
+    lines = [tuple(header), *(tuple(row) for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+
+    def render(line: Sequence[str]) -> str:
+        cells = [line[0].ljust(widths[0])] + [
+            cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)
+        ]
+        return "  ".join(cells)
+
+    rendered = [render(line) for line in lines]
+    return "\n".join([rendered[0], "-" * len(rendered[0]), *rendered[1:]])
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the line breaks of a module docstring used as description; shows each flag's default."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
+def add_model_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    layers: int,
+    hidden: int,
+    heads: int,
+    intermediate: int,
+    dropout: float = 0.1,
+) -> None:
+    """Flags for the base model and the two cheap modes, with the given defaults."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--layers", type=positive_int, default=layers, help="encoder layers")
+    group.add_argument("--hidden", type=positive_int, default=hidden, help="hidden size")
+    group.add_argument("--heads", type=positive_int, default=heads, help="attention heads")
+    group.add_argument(
+        "--intermediate",
+        type=positive_int,
+        default=intermediate,
+        help="feed-forward inner size",
+    )
+    group.add_argument(
+        "--dropout",
+        type=float,
+        default=dropout,
+        help="hidden and attention-probability dropout",
+    )
+    group.add_argument(
+        "--keep",
+        type=float,
+        default=0.5,
+        help="token dropping: fraction of each sequence kept in the middle layers",
+    )
+    group.add_argument(
+        "--full-layers",
+        type=int,
+        default=2,
+        help="NarrowBERT: full layers before the narrow ones",
+    )
+
+
+def config_from_arguments(
+    args: argparse.Namespace,
+    *,
+    vocab_size: int,
+    seq_len: int,
+    max_predictions_per_seq: int,
+    pad_token_id: int = 0,
+) -> BertConfig:
+    """The dense base config of the flags added by `add_model_arguments`."""
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        intermediate_size=args.intermediate,
+        max_position_embeddings=seq_len,
+        pad_token_id=pad_token_id,
+        hidden_dropout_prob=args.dropout,
+        attention_probs_dropout_prob=args.dropout,
+        max_predictions_per_seq=max_predictions_per_seq,
+    )

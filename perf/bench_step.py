@@ -1,0 +1,234 @@
+"""Time masked-LM training steps (forward + backward + AdamW step) side by side in one run:
+Hugging Face transformers BertForMaskedLM (sdpa), tokdrop dense, token dropping and NarrowBERT.
+
+    python perf/bench_step.py --device cpu --json perf/results/bench_step_cpu.json
+
+The variants run interleaved, one step each per repetition in a rotating order, so that machine
+noise hits all of them alike; ratios of median step times are the result (the ratio of the fastest
+steps is reported beside it). Each ratio is printed next to the FLOP model's figure
+(tokdrop.training.training_flops) and its target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+
+from tokdrop.checkpoint import write_atomically
+from tokdrop.config import BertConfig
+from tokdrop.data import MaskingCollator, SpecialTokenIds
+from tokdrop.training import (
+    HelpFormatter,
+    add_model_arguments,
+    build_model,
+    config_from_arguments,
+    format_table,
+    make_optimizer,
+    positive_int,
+    train_step,
+    training_flops,
+    variant_configs,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+SPECIALS = SpecialTokenIds(pad=0, unk=1, cls=2, sep=3, mask=4)
+VARIANTS = ("transformers", "dense", "token_drop", "narrow")
+# (numerator, denominator, target): the measured step-time ratio should be at most the target.
+RATIOS = (("token_drop", "dense", 0.80), ("narrow", "dense", 0.55), ("dense", "transformers", 0.70))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
+    parser.add_argument("--vocab-size", type=positive_int, default=30522, help="vocabulary size")
+    parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="sequences per step")
+    parser.add_argument("--predictions", type=positive_int, default=77, help="masked-LM predictions per sequence (P)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
+    parser.add_argument("--reps", type=positive_int, default=10, help="timed repetitions")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
+    add_model_arguments(parser, layers=8, hidden=256, heads=4, intermediate=1024)
+    args = parser.parse_args(argv)
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.seq_len < 3:
+        parser.error(f"--seq-len must be >= 3 ([CLS], a token, [SEP]), got {args.seq_len}")
+    if args.predictions > args.seq_len - 2:
+        parser.error(f"--predictions {args.predictions} exceeds the {args.seq_len - 2} maskable tokens per sequence")
+    return args
+
+
+def transformers_model(config: BertConfig, seed: int, device: str) -> torch.nn.Module:
+    """Hugging Face's BertForMaskedLM with the same sizes, using PyTorch's SDPA attention."""
+    torch.manual_seed(seed)
+    hf_config = transformers.BertConfig.from_dict(config.to_dict(), attn_implementation="sdpa")
+    return transformers.BertForMaskedLM(hf_config).to(device).train()
+
+
+def random_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """Full rows [CLS] w ... w [SEP] of random ids, masked with exactly `--predictions` per row."""
+    generator = torch.Generator().manual_seed(args.seed)
+    first_word_id = max(SPECIALS.as_tuple()) + 1
+    rows = torch.randint(first_word_id, args.vocab_size, (args.batch_size, args.seq_len), generator=generator)
+    rows[:, 0], rows[:, -1] = SPECIALS.cls, SPECIALS.sep
+    collator = MaskingCollator(
+        vocab_size=args.vocab_size,
+        pad_token_id=SPECIALS.pad,
+        mask_token_id=SPECIALS.mask,
+        special_token_ids=SPECIALS.as_tuple(),
+        predictions_per_seq=args.predictions,
+        seed=args.seed,
+    )
+    return {name: tensor.to(args.device) for name, tensor in collator(rows).items()}
+
+
+def git_commit() -> dict[str, str | bool | None]:
+    """HEAD's commit and whether tracked files differ from it; None where git cannot tell."""
+
+    def git(*command: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *command],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},  # read only: no index refresh
+            )
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return done.stdout.strip()
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        models = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        cpu = models[0] if models else cpu
+    return f"{cpu}, {torch.get_num_threads()} torch threads"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    base = config_from_arguments(
+        args,
+        vocab_size=args.vocab_size,
+        seq_len=args.seq_len,
+        max_predictions_per_seq=args.predictions,
+        pad_token_id=SPECIALS.pad,
+    )
+    configs = variant_configs(
+        base,
+        keep=args.keep,
+        full_layers=args.full_layers,
+        allow_ids=(SPECIALS.cls, SPECIALS.sep, SPECIALS.mask, SPECIALS.unk),
+    )
+    models = {"transformers": transformers_model(base, args.seed, args.device)}
+    models |= {name: build_model(config, args.seed, device) for name, config in configs.items()}
+    optimizers = {name: make_optimizer(model, lr=1e-4) for name, model in models.items()}
+    batch = random_batch(args)
+
+    step_seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for rep in range(args.warmup + args.reps):
+        shift = rep % len(VARIANTS)
+        for name in VARIANTS[shift:] + VARIANTS[:shift]:
+            seconds = train_step(models[name], optimizers[name], batch).seconds
+            if rep >= args.warmup:
+                step_seconds[name].append(seconds)
+        print(
+            f"repetition {rep + 1}/{args.warmup + args.reps}",
+            "(warm-up)" if rep < args.warmup else "",
+            file=sys.stderr,
+        )
+
+    median = {name: statistics.median(times) for name, times in step_seconds.items()}
+    fastest = {name: min(times) for name, times in step_seconds.items()}
+    flops = {name: training_flops(config, args.seq_len, args.predictions) for name, config in configs.items()}
+    flops["transformers"] = training_flops(base, args.seq_len, args.predictions, decode_every_position=True)
+    ratios = {
+        f"{num}/{den}": {
+            "measured": median[num] / median[den],
+            # Bursts of load from other processes can cover half of a variant's steps on a shared
+            # machine; the ratio of the fastest steps is the steadier estimate of the compute cost.
+            "measured_fastest": fastest[num] / fastest[den],
+            "flop_model": flops[num] / flops[den],
+            "target": target,
+            "meets_target": median[num] / median[den] <= target,
+        }
+        for num, den, target in RATIOS
+    }
+    results = {
+        "benchmark": "perf/bench_step.py",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "git": git_commit(),
+        "arguments": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "tokens_per_step": args.batch_size * args.seq_len,
+        "median_step_s": median,
+        "min_step_s": fastest,
+        "step_s": step_seconds,
+        "training_flops_per_step": {name: flops[name] * args.batch_size for name in VARIANTS},
+        "ratios": ratios,
+    }
+    print(_tables(results))
+    if args.json is not None:
+        write_atomically(args.json, lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
+        print(f"wrote {args.json}")
+    return results
+
+
+def _tables(results: dict) -> str:
+    median, tokens = results["median_step_s"], results["tokens_per_step"]
+    fastest = results["min_step_s"]
+    steps = format_table(
+        ("variant", "median step (ms)", "fastest (ms)", "tokens/s", "vs dense"),
+        [
+            (name, f"{s * 1e3:.1f}", f"{fastest[name] * 1e3:.1f}", f"{tokens / s:.0f}", f"{s / median['dense']:.2f}")
+            for name, s in median.items()
+        ],
+    )
+    ratios = format_table(
+        ("ratio", "measured (medians)", "fastest steps", "FLOP model", "target", "met"),
+        [
+            (
+                name,
+                f"{r['measured']:.3f}",
+                f"{r['measured_fastest']:.3f}",
+                f"{r['flop_model']:.3f}",
+                f"<= {r['target']:.2f}",
+                "yes" if r["meets_target"] else "NO",
+            )
+            for name, r in results["ratios"].items()
+        ],
+    )
+    return f"{results['device']}, torch {results['torch']}\n\n{steps}\n\n{ratios}"
+
+
+if __name__ == "__main__":
+    main()

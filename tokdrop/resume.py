@@ -1,0 +1,242 @@
+"""Training checkpoints that a kill, a full disk or a flipped bit cannot turn into lost work.
+
+A checkpoint is a directory ``<root>/step-00000100`` holding
+
+    .metadata, *.distcp   model (importance table included) and optimizer state, written with
+                          torch.distributed.checkpoint: each rank writes its own shards (FSDP2),
+                          replicated state (DDP, one process) is written once
+    rng-rank00000.pt ...  each rank's torch RNG states
+    trainer.json          step, data position, scheduler, grad scaler, the run's settings
+    manifest.json         size and CRC-32 of every file above; written last
+
+It is assembled in ``<root>/.step-00000100.tmp`` and renamed into place once complete and synced,
+so a crash or a failed write during a save leaves the earlier checkpoints as they were (the next
+successful save removes a stale ``.tmp``). Loading checks the manifest first and names the first file
+that is missing, truncated or corrupt. The functions are collective: every rank calls them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer.json"
+_STEP_DIR = re.compile(r"step-(\d{8})")
+_T = TypeVar("_T")
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the earlier ones are intact."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    if not _distributed():
+        return ok
+    flag = torch.tensor([int(ok)], device=_collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def on_rank_zero(work: Callable[[], _T]) -> _T:
+    """Run `work` on rank 0 only and hand its result (or its ValueError) to every rank, so that no
+    rank waits forever for a rank that failed."""
+    outcome: list[Any] = [None, None]  # result, error message
+    if _rank() == 0:
+        try:
+            outcome[0] = work()
+        except ValueError as err:
+            outcome[1] = str(err)
+    if _distributed():
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise ValueError(outcome[1])
+    return outcome[0]
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root` (those with a manifest), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def save_checkpoint(
+    root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step` under `root` and keep only the newest `keep_last` ones.
+
+    Raises CheckpointSaveError (on every rank) when any rank fails to write; the partial checkpoint
+    is removed and the earlier ones are untouched.
+    """
+    final = root / checkpoint_name(step)
+    temp = root / f".{final.name}.tmp"
+
+    def prepare() -> None:
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(parents=True)
+
+    def write_state() -> None:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        with _single_process_is_intended():
+            dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=temp)
+        torch.save(_rng_states(), temp / _rng_name(_rank()))
+
+    def seal() -> None:
+        (temp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+        files = sorted(p for p in temp.iterdir() if p.is_file())
+        for path in files:
+            _fsync(path)
+        manifest = {p.name: {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
+        (temp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _fsync(temp / MANIFEST)
+        _fsync(temp)
+        os.replace(temp, final)
+        _fsync(root)
+
+    for work, everyone in ((prepare, False), (write_state, True), (seal, False)):
+        failure = None
+        if everyone or _rank() == 0:
+            try:
+                work()
+            except Exception as err:  # an OSError, or DCP's CheckpointException wrapping one
+                failure = err
+        if not _all_ranks_ok(failure is None):
+            if _rank() == 0:
+                shutil.rmtree(temp, ignore_errors=True)
+            earlier = list_checkpoints(root)
+            kept = f"the newest intact one is {earlier[-1]}" if earlier else "there is no earlier one"
+            raise CheckpointSaveError(
+                f"could not save checkpoint {final}: {failure or 'another rank failed to write'}; {kept}"
+            ) from failure
+    if _rank() == 0:
+        stale = [p for p in root.iterdir() if p.name.startswith(".step-") and p.name.endswith(".tmp")]
+        for old in list_checkpoints(root)[:-keep_last] + stale:  # stale: saves cut short by a kill
+            shutil.rmtree(old)
+    return final
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check every file of checkpoint `path` against its manifest (on rank 0; the others get the
+    outcome) and return its trainer state. A ValueError names the first bad file."""
+
+    def check() -> dict[str, Any]:
+        manifest_path = path / MANIFEST
+        if not path.is_dir():
+            raise ValueError(f"checkpoint {path} does not exist")
+        if not manifest_path.is_file():
+            raise ValueError(f"checkpoint {path} is incomplete: {MANIFEST} is missing")
+        manifest = _read_json(manifest_path)
+        for name, expected in manifest.items():
+            file = path / name
+            if not isinstance(expected, dict) or not {"bytes", "crc32"} <= expected.keys():
+                raise ValueError(f"checkpoint file {manifest_path} is corrupt: bad entry for {name!r}")
+            if not file.is_file():
+                raise ValueError(f"checkpoint file {file} is missing")
+            if file.stat().st_size != expected["bytes"]:
+                raise ValueError(f"checkpoint file {file} is truncated or overwritten: "
+                                 f"{file.stat().st_size} bytes, the manifest says {expected['bytes']}")
+            if _crc32(file) != expected["crc32"]:
+                raise ValueError(f"checkpoint file {file} is corrupt: its CRC-32 differs from the manifest")
+        return _read_json(path / TRAINER_STATE)
+
+    return on_rank_zero(check)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load model and optimizer state and this rank's RNG states from a verified checkpoint."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    try:
+        with _single_process_is_intended():
+            dcp.load({"model": model_state, "optim": optimizer_state}, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+        rng = torch.load(path / _rng_name(_rank()), weights_only=True)
+    except Exception as err:  # DCP and torch.load raise many kinds on bad data
+        raise ValueError(f"cannot load checkpoint {path}: {err}") from err
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+@contextlib.contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """Silence DCP's warning that it runs without a process group: one process is a valid run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _rng_name(rank: int) -> str:
+    return f"rng-rank{rank:05d}.pt"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"checkpoint file {path} is unreadable: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"checkpoint file {path} must hold a JSON object")
+    return value
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or directory to disk, so a power cut cannot leave a renamed but empty file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = [
+    "CheckpointSaveError", "checkpoint_name", "list_checkpoints", "load_checkpoint", "on_rank_zero",
+    "save_checkpoint", "verify_checkpoint",
+]

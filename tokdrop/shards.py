@@ -1,0 +1,336 @@
+"""Token shards: a text corpus tokenised once into memory-mapped files, read back as an endless,
+seeded stream of packed and masked rows, split by data-parallel rank.
+
+A shard directory holds
+
+    shards.json       what the directory holds; written last, so a directory without it is incomplete
+    tokenizer.json    the tokenizer that made it
+    tokens-00000.bin  token ids back to back: uint16 when the vocabulary fits, else uint32
+
+Nothing holds the corpus in memory: text is read line by line and its tokens are appended to the
+current shard as they come; rows are sliced from memory maps when asked for; the shuffled order is a
+pseudo-random permutation computed per position (`feistel_permutation`), never a stored index.
+
+Text files that are empty (nothing but white space) or not valid UTF-8 are skipped with a warning
+and listed, with the reason, under "skipped" in shards.json; no usable file at all is an error.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import warnings
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import accumulate, chain
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+from tqdm import tqdm
+
+from tokdrop.data import MaskingCollator, load_tokenizer, special_token_ids, train_tokenizer
+
+MANIFEST = "shards.json"
+FORMAT = "tokdrop-token-shards-1"
+TOKENIZER = "tokenizer.json"
+SHARD_TOKENS = 1 << 27  # ids per shard file (256 MiB as uint16)
+_TEXT_BATCH_CHARS = 1 << 20  # text handed to the tokenizer at once (it encodes a batch in parallel)
+_FEISTEL_ROUNDS = 4
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed determined by `parts` (e.g. the run seed, a purpose and a position)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def feistel_permutation(index: int, size: int, key: object) -> int:
+    """Position `index` of a pseudo-random permutation of range(size) chosen by `key`, in O(1) memory.
+
+    A 4-round Feistel network is a bijection on [0, 4^h) for the smallest h with 4^h >= size; values
+    that land outside range(size) are sent through it again (cycle walking), which stays inside the
+    cycle of `index` and so ends in range(size), after fewer than 4 passes on average.
+    """
+    if not 0 <= index < size:
+        raise ValueError(f"index must be in [0, {size}), got {index}")
+    half = max(1, ((size - 1).bit_length() + 1) // 2)
+    mask = (1 << half) - 1
+    value = index
+    while True:
+        left, right = value >> half, value & mask
+        for round_ in range(_FEISTEL_ROUNDS):
+            left, right = right, left ^ (derive_seed(key, round_, right) & mask)
+        value = (left << half) | right
+        if value < size:
+            return value
+
+
+# ---------------------------------------------------------------------------------------- text input
+
+
+def text_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The files named by `paths`; a directory stands for every file below it (sorted, hidden
+    files and folders left out)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            below = (p for p in sorted(path.rglob("*")) if p.is_file())
+            files += [p for p in below if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"data path {str(path)!r} does not exist")
+    if not files:
+        raise ValueError(f"the data paths {[str(p) for p in paths]} hold no files")
+    return files
+
+
+def unusable_reason(path: Path) -> str | None:
+    """Why `path` cannot be used as text ("empty", "not UTF-8 ..."), or None; reads it in chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    has_text, offset = False, 0
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            try:
+                has_text = bool(decoder.decode(chunk).strip()) or has_text
+            except UnicodeDecodeError as err:
+                return f"not UTF-8 (invalid byte near offset {offset + err.start})"
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return "not UTF-8 (truncated character at the end)"
+    return None if has_text else "empty"
+
+
+def _line_batches(files: Sequence[Path], progress: tqdm) -> Iterator[list[str]]:
+    """Non-blank lines of `files`, about `_TEXT_BATCH_CHARS` at a time; counts bytes on `progress`."""
+    batch, size = [], 0
+    for path in files:
+        with open(path, "rb") as file:
+            for raw in file:
+                progress.update(len(raw))
+                line = raw.decode("utf-8").strip()
+                if line:
+                    batch.append(line)
+                    size += len(line)
+                if size >= _TEXT_BATCH_CHARS:
+                    yield batch
+                    batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _byte_progress(files: Sequence[Path], what: str) -> tqdm:
+    total = sum(path.stat().st_size for path in files)
+    return tqdm(total=total, desc=what, unit="B", unit_scale=True, dynamic_ncols=True)
+
+
+def sources_of(files: Sequence[Path], tokenizer: str | os.PathLike | None, vocab_size: int) -> dict:
+    """What a shard directory is built from: the files as they are now and the tokenizer."""
+    described = [{"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+                 for p in files]
+    made_by = str(Path(tokenizer).resolve()) if tokenizer is not None else f"trained, vocab_size={vocab_size}"
+    return {"files": described, "tokenizer": made_by}
+
+
+def build_shards(
+    files: Sequence[Path], directory: Path, *, tokenizer: Tokenizer | None, vocab_size: int,
+    sources: dict, shard_tokens: int = SHARD_TOKENS,
+) -> ShardSet:
+    """Tokenise `files` into a new shard directory (training a WordPiece tokenizer of `vocab_size`
+    on them first when `tokenizer` is None). Built under a temporary name and renamed when done."""
+    if directory.exists():
+        raise ValueError(f"shard directory {directory} already exists")
+    usable, skipped = [], []
+    for path in files:
+        reason = unusable_reason(path)
+        if reason is None:
+            usable.append(path)
+        else:
+            warnings.warn(f"skipping data file {path}: {reason}", stacklevel=2)
+            skipped.append({"path": str(path), "reason": reason})
+    if not usable:
+        raise ValueError(f"none of the {len(files)} data files is usable text: {skipped[:5]}")
+    if tokenizer is None:
+        with _byte_progress(usable, "training tokenizer") as progress:
+            tokenizer = train_tokenizer(chain.from_iterable(_line_batches(usable, progress)), vocab_size)
+    special_token_ids(tokenizer)  # a tokenizer without [CLS], [SEP], [MASK]... cannot pack rows
+    dtype = np.dtype(np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32)
+
+    temp = directory.with_name(f".{directory.name}.{secrets.token_hex(4)}.tmp")
+    temp.mkdir(parents=True)
+    try:
+        counts = _write_token_files(usable, temp, tokenizer, dtype, shard_tokens)
+        if sum(counts) == 0:
+            raise ValueError(f"the data files {[str(p) for p in usable[:5]]} hold no tokens")
+        tokenizer.save(str(temp / TOKENIZER))
+        manifest = {
+            "format": FORMAT, "dtype": dtype.name, "vocab_size": tokenizer.get_vocab_size(),
+            "tokens": counts, "sources": sources, "skipped": skipped,
+        }
+        (temp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(temp, directory)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(files)} data files (listed in {directory / MANIFEST})")
+    return ShardSet(directory)
+
+
+def _write_token_files(
+    files: Sequence[Path], directory: Path, tokenizer: Tokenizer, dtype: np.dtype, shard_tokens: int
+) -> list[int]:
+    counts: list[int] = []
+    out = None
+    try:
+        with _byte_progress(files, "tokenising") as progress:
+            for lines in _line_batches(files, progress):
+                encodings = tokenizer.encode_batch(lines, add_special_tokens=False)
+                ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=dtype)
+                while len(ids):
+                    if out is None or counts[-1] >= shard_tokens:
+                        if out is not None:
+                            out.close()
+                        out = open(directory / _shard_name(len(counts)), "wb")
+                        counts.append(0)
+                    part, ids = ids[: shard_tokens - counts[-1]], ids[shard_tokens - counts[-1]:]
+                    part.tofile(out)
+                    counts[-1] += len(part)
+    finally:
+        if out is not None:
+            out.close()
+    return counts
+
+
+def _shard_name(index: int) -> str:
+    return f"tokens-{index:05d}.bin"
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+class ShardSet:
+    """A shard directory opened for reading; its files are memory-mapped on first use (and again in
+    each DataLoader worker, since maps are not pickled)."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        path = self.directory / MANIFEST
+        if not path.is_file():
+            raise ValueError(f"{self.directory} is not a shard directory: {MANIFEST} is missing")
+        try:
+            manifest = json.loads(path.read_text())
+            if manifest.get("format") != FORMAT:
+                raise ValueError(f"format is {manifest.get('format')!r}, expected {FORMAT!r}")
+            self.dtype = np.dtype(manifest["dtype"])
+            self.counts = [int(n) for n in manifest["tokens"]]
+            self.vocab_size = int(manifest["vocab_size"])
+            self.skipped = manifest["skipped"]
+            self.sources = manifest["sources"]
+        except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path} is not a valid shard manifest: {err}") from err
+        for index, count in enumerate(self.counts):
+            file = self.directory / _shard_name(index)
+            size = file.stat().st_size if file.is_file() else None
+            if size != count * self.dtype.itemsize:
+                raise ValueError(f"shard file {file} holds {size} bytes, {MANIFEST} promises "
+                                 f"{count * self.dtype.itemsize} ({count} tokens of {self.dtype.name})")
+        self._maps: list[np.memmap] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": None}
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.counts)
+
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.directory / TOKENIZER)
+
+    def identity(self) -> dict:
+        """What a resumed run must find again: the token counts and the vocabulary."""
+        return {"tokens": self.counts, "dtype": self.dtype.name, "vocab_size": self.vocab_size}
+
+    def tokens(self, shard: int) -> np.memmap:
+        if self._maps is None:
+            self._maps = [
+                np.memmap(self.directory / _shard_name(i), dtype=self.dtype, mode="r", shape=(count,))
+                for i, count in enumerate(self.counts)
+            ]
+        return self._maps[shard]
+
+
+class PackedRows:
+    """Rows ``[CLS] + seq_len - 2 consecutive tokens + [SEP]`` cut from each shard in order (as
+    `tokdrop.data.pack_sequences` cuts its token stream); a shard's ragged tail is left out."""
+
+    def __init__(self, shards: ShardSet, seq_len: int, cls_id: int, sep_id: int) -> None:
+        if seq_len < 3:
+            raise ValueError(f"seq_len must be >= 3 ([CLS], a token, [SEP]), got {seq_len}")
+        self.shards, self.seq_len, self.cls_id, self.sep_id = shards, seq_len, cls_id, sep_id
+        self.body = seq_len - 2
+        self._ends = list(accumulate(count // self.body for count in shards.counts))
+        if len(self) == 0:
+            raise ValueError(f"{shards.directory} holds {shards.total_tokens} tokens, too few for one row "
+                             f"of seq_len={seq_len}")
+
+    def __len__(self) -> int:
+        return self._ends[-1]
+
+    def __getitem__(self, row: int) -> Tensor:
+        """Row `row` as a LongTensor [seq_len]."""
+        shard = bisect_right(self._ends, row)
+        start = (row - (self._ends[shard - 1] if shard else 0)) * self.body
+        ids = np.empty(self.seq_len, dtype=np.int64)
+        ids[0], ids[-1] = self.cls_id, self.sep_id
+        ids[1:-1] = self.shards.tokens(shard)[start : start + self.body]
+        return torch.from_numpy(ids)
+
+
+class MaskedStream(torch.utils.data.Dataset):
+    """Position q of an endless stream of masked rows, fixed by the seed alone.
+
+    Epoch e = q // len(rows) visits every row once, in the order of a Feistel permutation keyed by
+    (seed, e); row masking draws from a generator seeded by (seed, q). So a batch depends only on
+    its positions: not on the number of ranks or workers, nor on where a run was resumed.
+    """
+
+    def __init__(self, rows: PackedRows, collator: MaskingCollator, seed: int) -> None:
+        self.rows, self.collator, self.seed = rows, collator, seed
+
+    def __getitem__(self, position: int) -> dict[str, Tensor]:
+        epoch, index = divmod(position, len(self.rows))
+        ids = self.rows[feistel_permutation(index, len(self.rows), (self.seed, epoch))]
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "mask", position))
+        return {name: row[0] for name, row in self.collator(ids[None], generator=generator).items()}
+
+
+def rank_batches(
+    first_step: int, steps: int, micro_batch: int, accumulation: int, rank: int, world_size: int
+) -> Iterator[list[int]]:
+    """Stream positions of rank `rank`'s micro-batches for steps [first_step, steps).
+
+    Step t consumes positions [t*G, (t+1)*G) with G = micro_batch * accumulation * world_size; its
+    micro-batch m on rank r is the slice starting at t*G + (m*world_size + r)*micro_batch. With one
+    micro-batch per step, the ranks' batches together are exactly a single process's batch of G.
+    """
+    global_batch = micro_batch * accumulation * world_size
+    for step in range(first_step, steps):
+        for micro in range(accumulation):
+            start = step * global_batch + (micro * world_size + rank) * micro_batch
+            yield list(range(start, start + micro_batch))
+
+
+__all__ = [
+    "MaskedStream", "PackedRows", "ShardSet", "build_shards", "derive_seed", "feistel_permutation",
+    "rank_batches", "sources_of", "text_files", "unusable_reason",
+]
