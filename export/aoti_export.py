@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from tokdrop.export.common import (
     INPUT_NAMES,
     TOLERANCES,

@@ -37,12 +37,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tokdrop.kernels.attention import ENV_VAR as ATTENTION_ENV_VAR
 from torch import Tensor, nn
 
 import tokdrop
 from tokdrop.checkpoint import read_config, write_atomically
 from tokdrop.config import BertConfig
+from tokdrop.kernels.attention import ENV_VAR as ATTENTION_ENV_VAR
 from tokdrop.layers import BertLayer
 
 log = logging.getLogger("tokdrop.export")

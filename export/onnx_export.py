@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tokdrop.export.common import (
     INPUT_NAMES,
     TOLERANCES,
@@ -316,6 +317,7 @@ def _export(prepared: Prepared, target: Path, opset: int, max_batch: int, max_se
     import warnings
 
     import torch
+
     from tokdrop.export.common import attention_backend, dynamic_shapes, example_inputs
 
     example = example_inputs(prepared.config, max_batch, max_seq_len)

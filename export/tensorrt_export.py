@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from tokdrop.export.common import (
     DTYPES,
     INPUT_NAMES,

@@ -32,11 +32,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from tokdrop.export import common, make_session, to_aoti, to_onnx
-from tokdrop.export.onnx_export import run_session
 
 import tokdrop
 from tokdrop.checkpoint import write_atomically
+from tokdrop.export import common, make_session, to_aoti, to_onnx
+from tokdrop.export.onnx_export import run_session
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = {

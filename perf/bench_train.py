@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 import transformers
 from bench_step import SPECIALS, device_name, git_commit, random_batch, transformers_model
-from tokdrop.kernels.attention import resolve_backend
 from torch import nn
 
 from tokdrop.checkpoint import write_atomically
 from tokdrop.config import BertConfig, TokenDropConfig
 from tokdrop.data import num_mlm_predictions
+from tokdrop.kernels.attention import resolve_backend
 from tokdrop.training import (
     HelpFormatter,
     build_model,

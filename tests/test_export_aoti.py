@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokdrop.export import ExportError, to_aoti
 
 import tokdrop
+from tokdrop.export import ExportError, to_aoti
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = tokdrop.BertConfig(

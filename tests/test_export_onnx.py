@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import tokdrop
 from tokdrop.export import (
     ExportError,
     MissingDependencyError,
@@ -21,8 +23,6 @@ from tokdrop.export import (
     to_onnx,
 )
 from tokdrop.export import cli as export_cli
-
-import tokdrop
 
 onnx = pytest.importorskip("onnx", reason="the export extra (onnx) is not installed")
 pytest.importorskip("onnxscript", reason="the export extra (onnxscript) is not installed")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokdrop.export import MissingDependencyError, to_tensorrt, to_tensorrt_from_onnx
 
 import tokdrop
+from tokdrop.export import MissingDependencyError, to_tensorrt, to_tensorrt_from_onnx
 
 HAS_TORCH_TRT = importlib.util.find_spec("torch_tensorrt") is not None
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
