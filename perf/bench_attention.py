@@ -26,7 +26,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from provenance import git_commit  # perf/ is the script's folder, hence on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 FA3_H100_FWD_BWD_TFLOPS = 290.0  # FlashAttention-3 paper, head_dim 64, seqlen 512, non-causal
@@ -72,18 +72,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.batch, args.hidden, args.head_dims, args.seq_lens, args.fractions = 2, 128, [64], [40], [0.5]
     return args
-
-
-def git_commit() -> dict[str, object]:
-    def git(*command: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
 
 
 class Inputs:

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from provenance import cpu_name, git_commit  # perf/ is the script's folder, hence on sys.path
 
 import tokdrop
 from tokdrop.checkpoint import write_atomically
@@ -67,28 +67,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds of idle between timed calls, so that one variant's spinning worker "
                              "threads (ONNX Runtime, OpenMP) do not steal the cores of the next")
     return parser.parse_args(argv)
-
-
-def git_commit() -> dict[str, object]:
-    def git(*command: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def batch(config: tokdrop.BertConfig, size: int, seq: int) -> tuple[torch.Tensor, ...]:

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from bench_step import device_name, git_commit  # perf/ is the script's folder, hence on sys.path
+from provenance import device_name, git_commit  # perf/ is the script's folder, hence on sys.path
 
 from tokdrop.checkpoint import write_atomically
 from tokdrop.data import load_corpus

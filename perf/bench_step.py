@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import transformers
+from provenance import device_name, git_commit  # perf/ is the script's folder, hence on sys.path
 
 from tokdrop.checkpoint import write_atomically
 from tokdrop.config import BertConfig
@@ -94,40 +93,6 @@ def random_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
         seed=args.seed,
     )
     return {name: tensor.to(args.device) for name, tensor in collator(rows).items()}
-
-
-def git_commit() -> dict[str, str | bool | None]:
-    """HEAD's commit and whether tracked files differ from it; None where git cannot tell."""
-
-    def git(*command: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", *command],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                check=True,
-                env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},  # read only: no index refresh
-            )
-        except (OSError, subprocess.CalledProcessError):
-            return None
-        return done.stdout.strip()
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        models = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
-        ]
-        cpu = models[0] if models else cpu
-    return f"{cpu}, {torch.get_num_threads()} torch threads"
 
 
 def main(argv: list[str] | None = None) -> dict:

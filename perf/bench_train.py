@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from bench_step import SPECIALS, device_name, git_commit, random_batch, transformers_model
+from bench_step import SPECIALS, random_batch, transformers_model
+from provenance import device_name, git_commit
 from torch import nn
 
 from tokdrop.checkpoint import write_atomically

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 from pathlib import Path
@@ -14,10 +14,9 @@ BENCH = Path(__file__).resolve().parent.parent / "perf" / "bench_step.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCH.parent))  # like a script: its siblings are importable
+        yield importlib.import_module("bench_step")
 
 
 def test_bench_writes_medians_ratios_and_provenance(bench, tmp_path, capsys):
