@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .validate import check_lengths
+
 ENV_VAR = "TOKDROP_ATTENTION"
 BACKENDS = ("triton", "sdpa", "flex", "varlen", "xformers", "eager")
 
@@ -180,7 +182,7 @@ def _register_triton() -> None:
             *, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
         if not ta.supports(q):
             return _sdpa(q, k, v, q_lens, k_lens, scale=scale, dropout_p=dropout_p)
-        return ta.triton_attention(q, k, v, q_lens, k_lens, scale=scale, dropout_p=dropout_p)[0]
+        return ta.triton_attention(q, k, v, q_lens, k_lens, scale=scale, dropout_p=dropout_p, validate=False)[0]
 
     devices = ("cuda", "cpu") if ta.INTERPRETED else ("cuda",)
     register_backend("triton", run, devices=devices,
@@ -270,8 +272,14 @@ _register_xformers()
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, q_lens: Tensor, k_lens: Tensor,
-    *, scale: float | None = None, dropout_p: float = 0.0, backend: str | None = None,
+    *, scale: float | None = None, dropout_p: float = 0.0, backend: str | None = None, validate: bool = True,
 ) -> Tensor:
-    """Dispatch to the chosen backend (see the module docstring for the shapes)."""
+    """Dispatch to the chosen backend (see the module docstring for the shapes).
+
+    validate: check the lengths' values against the shapes first (one device sync, skipped under
+    torch.compile); callers that derive the lengths from the shapes can turn it off.
+    """
     name = resolve_backend(backend, q.device.type)
+    if validate:
+        check_lengths(q_lens, k_lens, q.shape[1], k.shape[1])
     return _IMPLS[name](q, k, v, q_lens, k_lens, scale=scale, dropout_p=dropout_p)

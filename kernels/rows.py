@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .validate import check_index, check_range
+
 try:
     import triton
     import triton.language as tl
@@ -240,20 +242,31 @@ def _use_kernels(x: Tensor) -> bool:
     return x.is_cuda and triton is not None
 
 
-def drop_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    """Rows of x [B, S, H] at idx [B, K] -> [B, K, H] (Triton on CUDA, the reference elsewhere)."""
+def drop_tokens(x: Tensor, idx: Tensor, *, validate: bool = True) -> Tensor:
+    """Rows of x [B, S, H] at idx [B, K] -> [B, K, H] (Triton on CUDA, the reference elsewhere).
+
+    validate: check that every row of idx holds distinct positions in [0, S) (a device sync).
+    """
     _check(x, idx)
+    if validate:
+        check_index("idx", idx, x.shape[1])
     return drop_tokens_op(x, idx) if _use_kernels(x) else drop_tokens_reference(x, idx)
 
 
-def restore_tokens(saved: Tensor, kept: Tensor, idx: Tensor, kept_lens: Tensor) -> Tensor:
-    """saved [B, S, H] with kept [B, K, H] written back at idx [B, K] for slots j < kept_lens[b]."""
+def restore_tokens(saved: Tensor, kept: Tensor, idx: Tensor, kept_lens: Tensor, *, validate: bool = True) -> Tensor:
+    """saved [B, S, H] with kept [B, K, H] written back at idx [B, K] for slots j < kept_lens[b].
+
+    validate: check idx as drop_tokens does and 0 <= kept_lens <= K (device syncs).
+    """
     _check(saved, idx, "saved")
     if kept.shape != (*idx.shape, saved.shape[2]):
         raise ValueError(f"kept must have shape {[*idx.shape, saved.shape[2]]}, got {list(kept.shape)}")
     if kept.dtype != saved.dtype:
         raise TypeError(f"kept and saved must share a dtype, got {kept.dtype} and {saved.dtype}")
     _check_int("kept_lens", kept_lens, 1, saved)
+    if validate:
+        check_index("idx", idx, saved.shape[1])
+        check_range("kept_lens", kept_lens, 0, idx.shape[1])
     if _use_kernels(saved):
         return restore_tokens_op(saved, kept, idx, kept_lens)
     return restore_tokens_reference(saved, kept, idx, kept_lens)

@@ -6,10 +6,12 @@ One kernel family serves three layouts through strides and compile-time flags:
               -> out [B, Lq, NH, D] (rows >= q_lens[b] exactly 0), lse [B, NH, Lq] (0 on padding)
     gathered  q [B, S, NH, D] read at rows q_index[b, j], j < q_lens[b] (distinct), k/v as padded
               -> out [B, K, NH, D] and lse [B, NH, K] by slot j; dq is [B, S, NH, D], 0 off the index
-    packed    q [Tq, NH, D], k/v [Tk, NH, D], cu_seqlens_q/k [B+1] int, cu_seqlens[-1] == T
-              -> out [Tq, NH, D], lse [NH, Tq]
+    packed    q [Tq, NH, D], k/v [Tk, NH, D], cu_seqlens_q/k [B+1] int, cu_seqlens[-1] <= T
+              -> out [Tq, NH, D], lse [NH, Tq] (rows past cu_seqlens_q[-1] are left unwritten)
 
 Sequence b's queries see exactly its first k_lens[b] keys; a sequence with queries needs a key.
+The public functions check these numbers (validate=True); unchecked padded lengths are clamped to
+the tensors' rows in the kernels, so they never reach past them.
 lse is the natural-log log-sum-exp of the scaled scores, in float32. Accumulation is float32 for
 float32/float16/bfloat16 inputs; float32 matmuls run in IEEE precision (no TF32).
 
@@ -30,6 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .validate import check_cu_seqlens, check_index, check_lengths
+
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -44,14 +48,15 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _seq_bounds(SEQ, b, PACKED: tl.constexpr):
-    """(first token, length) of sequence b: SEQ holds cumulative offsets when packed, else lengths."""
+def _seq_bounds(SEQ, b, ROWS, PACKED: tl.constexpr):
+    """(first token, length) of sequence b: SEQ holds cumulative offsets when packed, else lengths.
+    Padded lengths are clamped to the ROWS of the tensor, so unchecked lengths never read past it."""
     if PACKED:
         start = tl.load(SEQ + b)
         length = tl.load(SEQ + b + 1) - start
     else:
         start = 0
-        length = tl.load(SEQ + b)
+        length = tl.minimum(tl.load(SEQ + b), ROWS)
     return start, length
 
 
@@ -102,8 +107,8 @@ def _attn_fwd_kernel(
     start_m = (tl.program_id(0) % num_m) * BLOCK_M
     b = bh // NH
     h = bh % NH
-    q_start, q_len = _seq_bounds(Q_SEQ, b, PACKED)
-    k_start, k_len = _seq_bounds(K_SEQ, b, PACKED)
+    q_start, q_len = _seq_bounds(Q_SEQ, b, MAX_Q, PACKED)
+    k_start, k_len = _seq_bounds(K_SEQ, b, MAX_K, PACKED)
 
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
@@ -166,7 +171,7 @@ def _attn_bwd_preprocess_kernel(
     start_m = (tl.program_id(0) % num_m) * BLOCK_M
     b = bh // NH
     h = bh % NH
-    q_start, q_len = _seq_bounds(Q_SEQ, b, PACKED)
+    q_start, q_len = _seq_bounds(Q_SEQ, b, MAX_Q, PACKED)
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
     dims = tl.arange(0, HEAD_DIM)
@@ -199,8 +204,8 @@ def _attn_bwd_dkdv_kernel(
     start_n = (tl.program_id(0) % num_n) * BLOCK_N
     b = bh // NH
     h = bh % NH
-    q_start, q_len = _seq_bounds(Q_SEQ, b, PACKED)
-    k_start, k_len = _seq_bounds(K_SEQ, b, PACKED)
+    q_start, q_len = _seq_bounds(Q_SEQ, b, MAX_Q, PACKED)
+    k_start, k_len = _seq_bounds(K_SEQ, b, MAX_K, PACKED)
 
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < k_len
@@ -270,8 +275,8 @@ def _attn_bwd_dq_kernel(
     start_m = (tl.program_id(0) % num_m) * BLOCK_M
     b = bh // NH
     h = bh % NH
-    q_start, q_len = _seq_bounds(Q_SEQ, b, PACKED)
-    k_start, k_len = _seq_bounds(K_SEQ, b, PACKED)
+    q_start, q_len = _seq_bounds(Q_SEQ, b, MAX_Q, PACKED)
+    k_start, k_len = _seq_bounds(K_SEQ, b, MAX_K, PACKED)
 
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
@@ -532,13 +537,14 @@ def _scale_and_seed(
 
 def triton_attention(
     q: Tensor, k: Tensor, v: Tensor, q_lens: Tensor, k_lens: Tensor, *, scale: float | None = None,
-    dropout_p: float = 0.0, q_index: Tensor | None = None, seed: Tensor | None = None,
+    dropout_p: float = 0.0, q_index: Tensor | None = None, seed: Tensor | None = None, validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Padded-layout attention; returns (out, lse). See the module docstring for the shapes.
 
     q_index [B, K] int fuses the query gather: q is then the full [B, S, NH, D] and slot j of row b
     is the query q[b, q_index[b, j]] for j < q_lens[b]. seed: one-element int64 tensor keying the
-    dropout mask, drawn from torch's generator when None.
+    dropout mask, drawn from torch's generator when None. validate: check the values of the lengths
+    and of q_index (device syncs; see tokdrop.kernels.validate).
     """
     _check_qkv(q, k, v, 4)
     batch = q.shape[0]
@@ -549,6 +555,10 @@ def triton_attention(
     if q_index is not None:
         _check_int("q_index", q_index, (batch, -1), q.device)
     slots = q.shape[1] if q_index is None else q_index.shape[1]
+    if validate:
+        check_lengths(q_lens, k_lens, slots, k.shape[1])
+        if q_index is not None:
+            check_index("q_index", q_index, q.shape[1], q_lens)
     scale, seed = _scale_and_seed(q, scale, dropout_p, seed)
     return attention_fwd_op(q, k, v, q_lens, k_lens, q_index, seed, scale, float(dropout_p),
                             slots, k.shape[1], False)
@@ -557,12 +567,12 @@ def triton_attention(
 def triton_attention_varlen(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
     max_seqlen_q: int, max_seqlen_k: int, *, scale: float | None = None, dropout_p: float = 0.0,
-    seed: Tensor | None = None,
+    seed: Tensor | None = None, validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Packed-layout attention; returns (out [Tq, NH, D], lse [NH, Tq]).
 
     max_seqlen_q/k are static upper bounds on the sequence lengths (Python ints, never read back
-    from the device).
+    from the device). validate: check the offsets against the tensors and bounds (device syncs).
     """
     _check_qkv(q, k, v, 3)
     _check_int("cu_seqlens_q", cu_seqlens_q, (-1,), q.device)
@@ -572,6 +582,10 @@ def triton_attention_varlen(
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if validate:
+        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+        check_lengths(cu_seqlens_q.diff(), cu_seqlens_k.diff(), max_seqlen_q, max_seqlen_k)
     scale, seed = _scale_and_seed(q, scale, dropout_p, seed)
     return attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, None, seed, scale, float(dropout_p),
                             max_seqlen_q, max_seqlen_k, True)

@@ -1,13 +1,18 @@
-"""torch.compile(fullgraph=True) of every mode on CPU: trains, matches eager, never recompiles."""
+"""torch.compile(fullgraph=True) of every mode: trains, matches eager, never recompiles. On CPU with the
+SDPA backend; on a GPU with the Triton kernels, which must also match SDPA."""
 
 import copy
 import dataclasses
 
 import pytest
 import torch
+
+# Shared with the kernel tests: the GPU summary (perf/results/gpu_test_compile.json) and its marker.
+from test_kernels_attention import gpu_summary, needs_cuda, recorded  # noqa: F401
 from torch._dynamo.utils import counters
 
 import tokdrop
+from tokdrop.kernels import triton_attention
 
 CONFIG = tokdrop.BertConfig(
     vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
@@ -32,17 +37,19 @@ def batches(steps, seed=0):
         yield ids, mask, torch.where(mask.bool(), labels, -100)
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_compiled_training_matches_eager_without_recompiling(mode):
+def check_compiled_training(config, mode, device):
+    """4 AdamW steps eager and compiled (fullgraph, default inductor) from the same weights: equal losses,
+    one graph, no recompilation across batches, equal importance tables."""
     torch.manual_seed(0)
-    eager = tokdrop.BertForMaskedLM(dataclasses.replace(CONFIG, **MODES[mode])).train()
+    eager = tokdrop.BertForMaskedLM(dataclasses.replace(config, **MODES[mode])).to(device).train()
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, compiled_model)]
     torch.compiler.reset()
     counters.clear()
     graphs_after_first = None
-    for step, (ids, mask, labels) in enumerate(batches(4)):
+    for step, batch in enumerate(batches(4)):
+        ids, mask, labels = (t.to(device) for t in batch)
         losses = []
         for model, optimizer in zip((eager, compiled), optimizers, strict=True):
             loss = model(ids, mask, labels=labels).loss
@@ -57,3 +64,28 @@ def test_compiled_training_matches_eager_without_recompiling(mode):
     assert counters["stats"]["unique_graphs"] == graphs_after_first, "recompiled for a batch of the same shape"
     if mode == "token_drop":
         torch.testing.assert_close(compiled_model.bert.token_importance.table, eager.bert.token_importance.table)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_compiled_training_matches_eager_without_recompiling(mode):
+    check_compiled_training(CONFIG, mode, "cpu")
+
+
+# head_dim 32: a size the Triton kernels take (they would hand head_dim 16 to SDPA).
+TRITON_CONFIG = dataclasses.replace(CONFIG, hidden_size=64, intermediate_size=128, attn_backend="triton")
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_gpu_model_on_triton_kernels_compiles_and_matches_sdpa(gpu_summary, mode):  # noqa: F811
+    with recorded(gpu_summary, f"model/{mode}/triton_vs_sdpa_and_compile_fullgraph_inductor"):
+        assert triton_attention.supports(torch.empty(1, 1, 2, 32, device="cuda"))
+        ids, mask, _ = (t.cuda() for t in next(batches(1)))
+        states = []
+        for backend in ("triton", "sdpa"):
+            torch.manual_seed(0)
+            # Wide initial weights: far-from-uniform attention, so a wrong kernel shows.
+            config = dataclasses.replace(TRITON_CONFIG, attn_backend=backend, initializer_range=0.5, **MODES[mode])
+            states.append(tokdrop.BertModel(config).cuda().train()(ids, mask).last_hidden_state[mask.bool()])
+        torch.testing.assert_close(states[0], states[1], rtol=1e-4, atol=1e-4)
+        check_compiled_training(TRITON_CONFIG, mode, "cuda")

@@ -20,6 +20,7 @@ import torch
 import triton
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from interpreter_bounds import checked_memory
 
 from tokdrop.kernels import triton_attention as ta
 from tokdrop.kernels.attention import attention_reference, via_packed
@@ -47,6 +48,13 @@ def poisoned_memory():
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
     torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@pytest.fixture(autouse=True)
+def in_bounds_memory():
+    """Under the interpreter, every load and store must stay inside the launch's tensors."""
+    with checked_memory() if ta.INTERPRETED else contextlib.nullcontext():
+        yield
 
 
 def assert_near(actual, expected, dtype, what, floor=1.0):
@@ -263,6 +271,78 @@ def test_bad_packed_inputs_raise():
         ta.triton_attention_varlen(q[None], q, q, cu, cu, 6, 6)
     with pytest.raises(ValueError, match="max_seqlen_k"):
         ta.triton_attention_varlen(q, q, q, cu, cu, 6, -1)
+
+
+@pytest.mark.parametrize(
+    "q_lens, k_lens, words",
+    [
+        ([21, 0], [7, 3], "sequence 0 has q_lens=21"),
+        ([20, -1], [7, 3], "sequence 1 has q_lens=-1"),
+        ([20, 0], [7, 21], "sequence 1 has q_lens=0, k_lens=21"),
+        ([20, 0], [0, 3], "sequence 0 has q_lens=20, k_lens=0"),
+    ],
+)
+def test_lengths_outside_the_tensors_raise(q_lens, k_lens, words):
+    q, k, v, _, _ = small_inputs()
+    q_lens, k_lens = torch.tensor(q_lens), torch.tensor(k_lens)
+    with pytest.raises(ValueError, match=words):
+        ta.triton_attention(q, k, v, q_lens, k_lens)
+    with pytest.raises(ValueError, match=words):
+        dispatch.attention(q, k, v, q_lens, k_lens, backend="sdpa")
+
+
+@pytest.mark.parametrize(
+    "index, words",
+    [
+        ([[0, 5, 39], [1, 2, 3]], r"q_index row 0 holds \[0, 5, 39\]: positions must lie in \[0, 20\)"),
+        ([[0, 5, 6], [1, -2, 3]], r"q_index row 1 holds \[1, -2\]"),
+        ([[0, 5, 5], [1, 2, 3]], r"q_index row 0 repeats a position: \[0, 5, 5\]"),
+    ],
+)
+def test_bad_query_index_raises(index, words):
+    q, k, v, _, _ = small_inputs()
+    with pytest.raises(ValueError, match=words):
+        ta.triton_attention(q, k, v, torch.tensor([3, 2]), torch.tensor([7, 3]), q_index=torch.tensor(index))
+
+
+def test_query_index_may_repeat_in_unused_slots():
+    q, k, v, _, _ = small_inputs()
+    index = torch.tensor([[4, 9, 9], [1, 1, 1]])
+    out, _ = ta.triton_attention(q, k, v, torch.tensor([2, 1]), torch.tensor([7, 3]), q_index=index)
+    assert out.shape == (2, 3, 2, 32)
+
+
+@pytest.mark.parametrize(
+    "cu_q, cu_k, words",
+    [
+        ([1, 4, 10], [0, 4, 10], r"cu_seqlens_q=\[1, 4, 10\] must start at 0"),
+        ([0, 4, 10], [0, 4, 11], r"cu_seqlens_k=\[0, 4, 11\] must start at 0 and end at <= 10"),
+        ([0, 5, 4], [0, 4, 10], "sequence 1 has q_lens=-1"),
+        ([0, 3, 10], [0, 4, 10], "sequence 1 has q_lens=7, k_lens=6; .* q_lens <= 6"),
+        ([0, 4, 10], [0, 0, 10], "sequence 0 has q_lens=4, k_lens=0"),
+    ],
+)
+def test_bad_packed_offsets_raise(cu_q, cu_k, words):
+    q = torch.randn(10, 2, 32)
+    with pytest.raises(ValueError, match=words):
+        ta.triton_attention_varlen(q, q, q, torch.tensor(cu_q), torch.tensor(cu_k), 6, 10)
+
+
+def test_unchecked_padded_lengths_are_clamped_to_the_tensors():
+    q, k, v, _, _ = small_inputs()
+    k, v = k[:, :10].contiguous(), v[:, :10].contiguous()
+    unchecked, _ = ta.triton_attention(q, k, v, torch.tensor([0, 25]), torch.tensor([3, 14]), validate=False)
+    clamped, _ = ta.triton_attention(q, k, v, torch.tensor([0, 20]), torch.tensor([3, 10]))
+    assert torch.equal(unchecked, clamped)
+
+
+@pytest.mark.skipif(not ta.INTERPRETED, reason="on a GPU this would be a real out-of-bounds read")
+def test_interpreter_bounds_check_catches_an_overrun():
+    """The in_bounds_memory fixture can fail: unchecked packed offsets that end past k."""
+    q = torch.randn(10, 2, 32)
+    k = q[:6].clone()
+    with pytest.raises(triton.runtime.errors.InterpreterError, match="out-of-bounds load"):
+        ta.triton_attention_varlen(q, k, k, torch.tensor([0, 4, 10]), torch.tensor([0, 3, 9]), 6, 6, validate=False)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-# Shared with the attention kernel tests: NaN-poisoned allocations, the GPU summary and its marker.
-from test_kernels_attention import gpu_summary, needs_cuda, poisoned_memory, recorded  # noqa: F401
+# Shared with the attention kernel tests: NaN-poisoned allocations, bounds-checked interpreter
+# memory, the GPU summary and its marker.
+from test_kernels_attention import gpu_summary, in_bounds_memory, needs_cuda, poisoned_memory, recorded  # noqa: F401
 
 from tokdrop.kernels import rows
 
@@ -131,6 +132,23 @@ def test_public_functions_use_the_reference_on_cpu_and_check_inputs():
         rows.restore_tokens(saved, kept.double(), idx, kept_lens)
     with pytest.raises(ValueError, match="kept_lens"):
         rows.restore_tokens(saved, kept, idx, kept_lens[:1])
+
+
+@pytest.mark.parametrize("fix", [lambda i: i.__setitem__((1, 2), 12), lambda i: i.__setitem__((0, 0), -1),
+                                 lambda i: i.__setitem__((1, 4), int(i[1, 0]))])
+def test_indices_outside_the_rows_or_repeated_raise(fix):
+    saved, kept, idx, kept_lens = make_case(2, 12, 5, 8, torch.float32, torch.int64, 0)
+    fix(idx)
+    with pytest.raises(ValueError, match=r"idx row \d (holds|repeats)"):
+        rows.drop_tokens(saved, idx)
+    with pytest.raises(ValueError, match=r"idx row \d (holds|repeats)"):
+        rows.restore_tokens(saved, kept, idx, kept_lens)
+
+
+def test_kept_lens_beyond_the_slots_raise():
+    saved, kept, idx, kept_lens = make_case(2, 12, 5, 8, torch.float32, torch.int64, 0)
+    with pytest.raises(ValueError, match=r"kept_lens\[1\]=6 must lie in \[0, 5\]"):
+        rows.restore_tokens(saved, kept, idx, torch.tensor([5, 6]))
 
 
 @needs_cuda

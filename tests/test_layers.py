@@ -7,7 +7,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tokdrop import BertConfig
 from tokdrop.layers import (
+    BertLayer,
+    NarrowEncoder,
     TokenDropEncoder,
     TokenImportance,
     drop_tokens,
@@ -193,3 +196,21 @@ def test_kept_counts_rounding():
     lengths = torch.tensor([10, 7, 1, 3])
     assert kept_counts(lengths, 0.3).tolist() == [3, 3, 1, 1]
     assert kept_counts(lengths, 5).tolist() == [5, 5, 1, 3]
+
+
+def test_encoders_reject_lengths_and_indices_outside_their_tensors():
+    config = BertConfig(vocab_size=10, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32)
+    x = torch.randn(2, 6, 16)
+    token_drop = TokenDropEncoder([BertLayer(config) for _ in range(4)])
+    with pytest.raises(ValueError, match="sequence 1 has q_lens=7"):
+        token_drop(x, torch.tensor([6, 7]), torch.randn(2, 6))
+    narrow = NarrowEncoder([BertLayer(config), BertLayer(config)], full_layers=1)
+    with pytest.raises(ValueError, match="sequence 0 has q_lens=2, k_lens=0"):
+        narrow(x, torch.tensor([0, 6]), torch.tensor([[0, 5], [1, 2]]), torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match="query_index and query_lens must be given together"):
+        narrow(x, torch.tensor([6, 6]), torch.tensor([[0, 5], [1, 2]]))
+    with pytest.raises(ValueError, match="idx row 0 holds"):
+        narrow(x, torch.tensor([6, 6]), torch.tensor([[0, 6], [1, 2]]), torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match="sequence 1 has q_lens=3"):
+        narrow(x, torch.tensor([6, 6]), torch.tensor([[0, 5], [1, 2]]), torch.tensor([2, 3]))

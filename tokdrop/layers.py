@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from tokdrop.config import BertConfig, check_keep, drop_schedule
 from tokdrop.kernels import attention, drop_tokens, restore_tokens
+from tokdrop.kernels.validate import check_lengths
 
 # A float keep fraction is turned into a count with ceil(keep * length); the slack absorbs binary
 # rounding such as 0.3 * 10 = 3.0000000000000004.
@@ -211,6 +212,8 @@ class BertLayer(nn.Module):
     """A post-LayerNorm BERT layer following the layer protocol; parameter names match Hugging Face.
 
     Full: layer(h, lens). Kept-only: layer(kept, kept_lens). Cross: layer(kept, kept_lens, h, lens).
+    The lengths are trusted, not checked (a device sync per layer): the encoders check theirs once
+    per forward, and the kernels clamp lengths to the tensors, so bad ones never read past them.
     """
 
     def __init__(self, config: BertConfig) -> None:
@@ -230,7 +233,7 @@ class BertLayer(nn.Module):
         context = attention(
             proj.query(x).unflatten(-1, heads), proj.key(kv).unflatten(-1, heads),
             proj.value(kv).unflatten(-1, heads), x_lens, kv_lens,
-            dropout_p=self.attn_dropout if self.training else 0.0, backend=self.attn_backend,
+            dropout_p=self.attn_dropout if self.training else 0.0, backend=self.attn_backend, validate=False,
         )
         x = self.attention.output(context.flatten(2), x)
         return self.output(self.intermediate(x), x)
@@ -255,6 +258,7 @@ class TokenDropEncoder(nn.Module):
         self.start, self.end = drop_schedule(len(self.layer), start_layer, end_layer)
 
     def forward(self, hidden: Tensor, lengths: Tensor, scores: Tensor | None = None) -> Tensor:
+        check_lengths(lengths, lengths, hidden.shape[1], hidden.shape[1])
         if scores is None:
             for layer in self.layer:
                 hidden = layer(hidden, lengths)
@@ -262,10 +266,10 @@ class TokenDropEncoder(nn.Module):
         for layer in self.layer[: self.start]:
             hidden = layer(hidden, lengths)
         index, kept_lens = select_tokens(scores, lengths, self.keep)
-        kept = self.layer[self.start](drop_tokens(hidden, index), kept_lens, hidden, lengths)
+        kept = self.layer[self.start](drop_tokens(hidden, index, validate=False), kept_lens, hidden, lengths)
         for layer in self.layer[self.start + 1 : self.end]:
             kept = layer(kept, kept_lens)
-        hidden = restore_tokens(hidden, kept, index, kept_lens)
+        hidden = restore_tokens(hidden, kept, index, kept_lens, validate=False)
         for layer in self.layer[self.end :]:
             hidden = layer(hidden, lengths)
         return hidden
@@ -288,6 +292,13 @@ class NarrowEncoder(nn.Module):
 
     def forward(self, hidden: Tensor, lengths: Tensor, query_index: Tensor | None = None,
                 query_lens: Tensor | None = None) -> Tensor:
+        if (query_index is None) != (query_lens is None):
+            raise ValueError("query_index and query_lens must be given together")
+        seq_len = hidden.shape[1]
+        if query_index is None:
+            check_lengths(lengths, lengths, seq_len, seq_len)
+        else:
+            check_lengths(query_lens, lengths, query_index.shape[1], seq_len)
         for layer in self.layer[: self.full_layers]:
             hidden = layer(hidden, lengths)
         if query_index is None:
