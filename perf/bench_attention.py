@@ -244,6 +244,19 @@ def target_checks(cases: list[dict[str, object]]) -> list[dict[str, object]]:
     return checks
 
 
+def gather_comparison(cases: list[dict[str, object]]) -> dict[str, object] | None:
+    """Fused query gather against gathering first, fwd+bwd, over the cases that time both."""
+    speedups = [c["results"]["gather_then_triton"]["fwd_bwd_ms"] / c["results"]["triton_gather"]["fwd_bwd_ms"]
+                for c in cases
+                if "fwd_bwd_ms" in c["results"].get("triton_gather", {})
+                and "fwd_bwd_ms" in c["results"].get("gather_then_triton", {})]
+    if not speedups:
+        return None
+    geomean = math.exp(statistics.fmean(math.log(x) for x in speedups))
+    return {"cases": len(speedups), "fused_faster_in": sum(x > 1.0 for x in speedups),
+            "geomean_fwd_bwd_speedup_of_fused": geomean, "faster": "fused" if geomean > 1.0 else "gather_then_kernel"}
+
+
 def print_table(cases: list[dict[str, object]]) -> None:
     from tokdrop.training import format_table
 
@@ -298,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "git": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dtype": "bfloat16", "batch": args.batch, "hidden": args.hidden,
         "flops": "fwd = 4*NH*D*sum_b(Lq_b*Lk_b); fwd+bwd = 3.5 x fwd",
-        "cases": cases, "targets": target_checks(cases),
+        "cases": cases, "targets": target_checks(cases), "query_gather": gather_comparison(cases),
         "fa3_comparison": None if not fa3 else {
             "published_h100_fwd_bwd_tflops": FA3_H100_FWD_BWD_TFLOPS,
             "ours_fwd_bwd_tflops": fa3[0]["results"].get("triton", {}).get("fwd_bwd_tflops"),
@@ -308,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     slug = "".join(ch if ch.isalnum() else "_" for ch in payload["device"].lower()).strip("_")
     out = args.out or (Path(tempfile.gettempdir()) / "bench_attention_smoke.json" if args.smoke
                        else REPO / "perf" / "results" / f"bench_attention_{slug}.json")
+    for check in payload["targets"]:
+        print(f"target {'met' if check['met'] else 'MISSED'}: {check['case']} fwd+bwd {check['speedup']:.2f}x "
+              f"{check['baseline']} (>= {check['target']})")
+    print(f"query gather, fused vs gather first: {payload['query_gather']}")
     write_atomically(out, lambda path: Path(path).write_text(json.dumps(payload, indent=2) + "\n"))
     print(f"wrote {out}")
     return 0

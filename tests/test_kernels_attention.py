@@ -307,9 +307,10 @@ def test_bad_query_index_raises(index, words):
 
 def test_query_index_may_repeat_in_unused_slots():
     q, k, v, _, _ = small_inputs()
-    index = torch.tensor([[4, 9, 9], [1, 1, 1]])
-    out, _ = ta.triton_attention(q, k, v, torch.tensor([2, 1]), torch.tensor([7, 3]), q_index=index)
-    assert out.shape == (2, 3, 2, 32)
+    index, q_lens, k_lens = torch.tensor([[4, 9, 9], [1, 1, 1]]), torch.tensor([2, 1]), torch.tensor([7, 3])
+    fused, _ = ta.triton_attention(q, k, v, q_lens, k_lens, q_index=index)
+    gathered_first, _ = ta.triton_attention(q[torch.arange(2)[:, None], index], k, v, q_lens, k_lens)
+    torch.testing.assert_close(fused, gathered_first, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -476,7 +477,8 @@ def test_benchmark_smoke_run(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "b.json").read_text())
-    assert {"device", "torch", "triton", "git", "date", "cases", "targets"} <= result.keys()
+    assert {"device", "torch", "triton", "git", "date", "cases", "targets", "query_gather"} <= result.keys()
+    assert result["query_gather"]["cases"] >= 1
     assert {"triton", "triton_gather", "gather_then_triton", "sdpa"} <= result["cases"][-1]["results"].keys()
     assert all(r["max_abs_diff_vs_sdpa"] < 0.05 for case in result["cases"] for r in case["results"].values()
                if "fwd_ms" in r)
