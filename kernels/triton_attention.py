@@ -61,6 +61,14 @@ def _seq_bounds(SEQ, b, ROWS, PACKED: tl.constexpr):
 
 
 @triton.jit
+def _program_block(ROWS, NH, BLOCK: tl.constexpr):
+    """(b * NH + h, b, h, first row) of this program's block: programs run over (b, h, row block)."""
+    blocks = tl.cdiv(ROWS, BLOCK)
+    bh = tl.program_id(0) // blocks
+    return bh, bh // NH, bh % NH, (tl.program_id(0) % blocks) * BLOCK
+
+
+@triton.jit
 def _query_tokens(Q_INDEX, b, sib, q_start, rows, row_ok, GATHER_Q: tl.constexpr):
     """Token row of each query slot in q: looked up in q_index when the gather is fused."""
     if GATHER_Q:
@@ -102,11 +110,7 @@ def _attn_fwd_kernel(
     PACKED: tl.constexpr, GATHER_Q: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # One program per (b, h, block of query slots); consecutive programs share K/V in L2.
-    num_m = tl.cdiv(MAX_Q, BLOCK_M)
-    bh = tl.program_id(0) // num_m
-    start_m = (tl.program_id(0) % num_m) * BLOCK_M
-    b = bh // NH
-    h = bh % NH
+    bh, b, h, start_m = _program_block(MAX_Q, NH, BLOCK_M)
     q_start, q_len = _seq_bounds(Q_SEQ, b, MAX_Q, PACKED)
     k_start, k_len = _seq_bounds(K_SEQ, b, MAX_K, PACKED)
 
@@ -166,11 +170,7 @@ def _attn_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PACKED: tl.constexpr,
 ):
     """delta = rowsum(dO * O), the softmax-backward correction term, in the layout of lse."""
-    num_m = tl.cdiv(MAX_Q, BLOCK_M)
-    bh = tl.program_id(0) // num_m
-    start_m = (tl.program_id(0) % num_m) * BLOCK_M
-    b = bh // NH
-    h = bh % NH
+    bh, b, h, start_m = _program_block(MAX_Q, NH, BLOCK_M)
     q_start, q_len = _seq_bounds(Q_SEQ, b, MAX_Q, PACKED)
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
@@ -199,11 +199,7 @@ def _attn_bwd_dkdv_kernel(
     PACKED: tl.constexpr, GATHER_Q: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # One program per (b, h, block of keys), looping over the query blocks: no atomics.
-    num_n = tl.cdiv(MAX_K, BLOCK_N)
-    bh = tl.program_id(0) // num_n
-    start_n = (tl.program_id(0) % num_n) * BLOCK_N
-    b = bh // NH
-    h = bh % NH
+    bh, b, h, start_n = _program_block(MAX_K, NH, BLOCK_N)
     q_start, q_len = _seq_bounds(Q_SEQ, b, MAX_Q, PACKED)
     k_start, k_len = _seq_bounds(K_SEQ, b, MAX_K, PACKED)
 
@@ -270,11 +266,7 @@ def _attn_bwd_dq_kernel(
     PACKED: tl.constexpr, GATHER_Q: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # One program per (b, h, block of query slots), looping over the key blocks.
-    num_m = tl.cdiv(MAX_Q, BLOCK_M)
-    bh = tl.program_id(0) // num_m
-    start_m = (tl.program_id(0) % num_m) * BLOCK_M
-    b = bh // NH
-    h = bh % NH
+    bh, b, h, start_m = _program_block(MAX_Q, NH, BLOCK_M)
     q_start, q_len = _seq_bounds(Q_SEQ, b, MAX_Q, PACKED)
     k_start, k_len = _seq_bounds(K_SEQ, b, MAX_K, PACKED)
 
