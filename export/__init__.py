@@ -29,8 +29,24 @@ from tokdrop.export.onnx_export import fuse_for_ort, make_session, select_provid
 from tokdrop.export.tensorrt_export import to_tensorrt, to_tensorrt_from_onnx
 
 __all__ = [
-    "DTYPES", "HEADS", "INPUT_NAMES", "TOLERANCES", "ExportError", "ExportReport", "MissingDependencyError",
-    "Tolerance", "ValidationError", "fuse_for_ort", "load_model", "make_inputs", "make_session",
-    "package_metadata", "prepare", "select_providers", "to_aoti", "to_onnx", "to_tensorrt",
+    "DTYPES",
+    "HEADS",
+    "INPUT_NAMES",
+    "TOLERANCES",
+    "ExportError",
+    "ExportReport",
+    "MissingDependencyError",
+    "Tolerance",
+    "ValidationError",
+    "fuse_for_ort",
+    "load_model",
+    "make_inputs",
+    "make_session",
+    "package_metadata",
+    "prepare",
+    "select_providers",
+    "to_aoti",
+    "to_onnx",
+    "to_tensorrt",
     "to_tensorrt_from_onnx",
 ]

@@ -62,9 +62,16 @@ def package_metadata(prepared: Prepared, max_batch: int, max_seq_len: int) -> di
 
 
 def to_aoti(
-    model: Any, path: str | os.PathLike, *, head: str | None = None, max_batch: int = 32,
-    max_seq_len: int | None = None, dtype: str = "fp32", validate_export: bool = True,
-    tolerance: Tolerance | None = None, normalize: bool = False,
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    head: str | None = None,
+    max_batch: int = 32,
+    max_seq_len: int | None = None,
+    dtype: str = "fp32",
+    validate_export: bool = True,
+    tolerance: Tolerance | None = None,
+    normalize: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Compile `model` (a tokdrop model or a checkpoint directory) with AOTInductor into a `.pt2`
@@ -90,8 +97,7 @@ def to_aoti(
         if validate_export:
             step("validating the package (aoti_load_package) against PyTorch")
             runner = torch._inductor.aoti_load_package(str(target))
-            validate(report, prepared, lambda *xs: runner(*xs), max_batch, max_seq_len,
-                     tolerance or TOLERANCES[dtype])
+            validate(report, prepared, lambda *xs: runner(*xs), max_batch, max_seq_len, tolerance or TOLERANCES[dtype])
             del runner
         else:
             report.notes.append("validation skipped on request")

@@ -32,31 +32,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tokdrop.export.common import DTYPES, HEADS
 
     parser.add_argument("--format", required=True, choices=FORMATS, help="what to export to")
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="tokdrop or Hugging Face BERT checkpoint directory (config.json + weights)")
-    parser.add_argument("--out", required=True, metavar="PATH",
-                        help="output file (.onnx; .pt2 for aoti; .ep/.pt2/.engine for tensorrt)")
-    parser.add_argument("--head", choices=HEADS, default=None,
-                        help="exported outputs (default: classifier for a sequence-classification "
-                             "checkpoint, else encoder)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="tokdrop or Hugging Face BERT checkpoint directory (config.json + weights)",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="PATH", help="output file (.onnx; .pt2 for aoti; .ep/.pt2/.engine for tensorrt)"
+    )
+    parser.add_argument(
+        "--head",
+        choices=HEADS,
+        default=None,
+        help="exported outputs (default: classifier for a sequence-classification checkpoint, else encoder)",
+    )
     parser.add_argument("--max-batch", type=int, default=32, help="largest batch size the export accepts")
-    parser.add_argument("--max-seq-len", type=int, default=None,
-                        help="longest sequence the export accepts (default: max_position_embeddings)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                        help="compute precision (onnx: fp32/fp16; outputs are always float32)")
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="longest sequence the export accepts (default: max_position_embeddings)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="fp32",
+        help="compute precision (onnx: fp32/fp16; outputs are always float32)",
+    )
     parser.add_argument("--optimize", action="store_true", help="onnx: ORT-fused graph (onnxscript)")
     parser.add_argument("--opset", type=int, default=18, help="onnx: opset version (>= 18)")
-    parser.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
-                        help="onnx: weights in <out>.data (auto: only past 2 GB)")
-    parser.add_argument("--providers", default=None,
-                        help="onnx: comma-separated ONNX Runtime execution providers for validation "
-                             "(default: TensorRT/CUDA when usable, else CPU)")
+    parser.add_argument(
+        "--external-data",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="onnx: weights in <out>.data (auto: only past 2 GB)",
+    )
+    parser.add_argument(
+        "--providers",
+        default=None,
+        help="onnx: comma-separated ONNX Runtime execution providers for validation "
+        "(default: TensorRT/CUDA when usable, else CPU)",
+    )
     parser.add_argument("--normalize", action="store_true", help="embedding head: L2-normalise")
-    parser.add_argument("--trt-route", choices=("torch", "onnx"), default="torch",
-                        help="tensorrt: torch-tensorrt dynamo path or TensorRT's ONNX parser")
+    parser.add_argument(
+        "--trt-route",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="tensorrt: torch-tensorrt dynamo path or TensorRT's ONNX parser",
+    )
     parser.add_argument("--opt-batch", type=int, default=None, help="tensorrt: optimisation-profile batch")
-    parser.add_argument("--opt-seq-len", type=int, default=None,
-                        help="tensorrt: optimisation-profile sequence length")
+    parser.add_argument("--opt-seq-len", type=int, default=None, help="tensorrt: optimisation-profile sequence length")
     parser.add_argument("--atol", type=float, default=None, help="override the validation atol")
     parser.add_argument("--rtol", type=float, default=None, help="override the validation rtol")
     parser.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
@@ -74,19 +100,34 @@ def run(args: argparse.Namespace) -> int:
     tolerance = None
     if args.atol is not None or args.rtol is not None:
         base = TOLERANCES.get(args.dtype, TOLERANCES["fp32"])
-        tolerance = Tolerance(atol=base.atol if args.atol is None else args.atol,
-                              rtol=base.rtol if args.rtol is None else args.rtol)
-    options = dict(head=args.head, max_batch=args.max_batch, max_seq_len=args.max_seq_len, dtype=args.dtype,
-                   validate_export=not args.no_validate, tolerance=tolerance, normalize=args.normalize,
-                   progress=progress)
+        tolerance = Tolerance(
+            atol=base.atol if args.atol is None else args.atol, rtol=base.rtol if args.rtol is None else args.rtol
+        )
+    options = dict(
+        head=args.head,
+        max_batch=args.max_batch,
+        max_seq_len=args.max_seq_len,
+        dtype=args.dtype,
+        validate_export=not args.no_validate,
+        tolerance=tolerance,
+        normalize=args.normalize,
+        progress=progress,
+    )
     try:
         if args.format == "onnx":
             from tokdrop.export.onnx_export import to_onnx
 
             external = {"auto": None, "always": True, "never": False}[args.external_data]
             providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
-            report = to_onnx(args.model, args.out, optimize=args.optimize, opset=args.opset,
-                             external_data=external, providers=providers, **options)
+            report = to_onnx(
+                args.model,
+                args.out,
+                optimize=args.optimize,
+                opset=args.opset,
+                external_data=external,
+                providers=providers,
+                **options,
+            )
         elif args.format == "aoti":
             from tokdrop.export.aoti_export import to_aoti
 
@@ -94,8 +135,14 @@ def run(args: argparse.Namespace) -> int:
         else:
             from tokdrop.export.tensorrt_export import to_tensorrt
 
-            report = to_tensorrt(args.model, args.out, route=args.trt_route, opt_batch=args.opt_batch,
-                                 opt_seq_len=args.opt_seq_len, **options)
+            report = to_tensorrt(
+                args.model,
+                args.out,
+                route=args.trt_route,
+                opt_batch=args.opt_batch,
+                opt_seq_len=args.opt_seq_len,
+                **options,
+            )
     except ValidationError as err:
         print(err.report.summary(), flush=True)
         print(f"tokdrop export: validation FAILED: {err}", file=sys.stderr)

@@ -94,8 +94,11 @@ def require(module: str, package: str, purpose: str):
         raise MissingDependencyError(
             f"{purpose} needs the Python package {package!r} (import name {module!r}), which is not "
             f"installed: {err}. Install it with `pip install {package}`"
-            + ("" if package not in ("onnx", "onnxscript", "onnxruntime-gpu")
-               else " or `pip install 'tokdrop[export]'`")
+            + (
+                ""
+                if package not in ("onnx", "onnxscript", "onnxruntime-gpu")
+                else " or `pip install 'tokdrop[export]'`"
+            )
         ) from err
 
 
@@ -147,9 +150,11 @@ class ExportReport:
     def summary(self) -> str:
         lines = [f"{self.format} export of head {self.head!r} ({self.dtype}) -> {self.path}"]
         lines += [f"  file: {p} ({_size(p)})" for p in self.files]
-        lines.append(f"  inputs: {', '.join(self.input_names)} int64 [{BATCH_DIM}, {SEQ_DIM}]; "
-                     f"{BATCH_DIM} in [{self.batch_range[0]}, {self.batch_range[1]}], "
-                     f"{SEQ_DIM} in [{self.seq_range[0]}, {self.seq_range[1]}]")
+        lines.append(
+            f"  inputs: {', '.join(self.input_names)} int64 [{BATCH_DIM}, {SEQ_DIM}]; "
+            f"{BATCH_DIM} in [{self.batch_range[0]}, {self.batch_range[1]}], "
+            f"{SEQ_DIM} in [{self.seq_range[0]}, {self.seq_range[1]}]"
+        )
         lines.append(f"  outputs: {', '.join(self.output_names)}")
         for key, value in self.extra.items():
             lines.append(f"  {key}: {value}")
@@ -158,8 +163,10 @@ class ExportReport:
             lines.append(f"  validation against PyTorch (tolerance atol={tol.atol:g}, rtol={tol.rtol:g}):")
             for check in self.checks:
                 diffs = ", ".join(f"{k} {v:.3g}" for k, v in check.max_abs_diff.items())
-                lines.append(f"    batch {check.batch} x seq {check.seq_len} (lengths {_short(check.lengths)}): "
-                             f"max abs diff {diffs} {'ok' if check.ok else 'MISMATCH'}")
+                lines.append(
+                    f"    batch {check.batch} x seq {check.seq_len} (lengths {_short(check.lengths)}): "
+                    f"max abs diff {diffs} {'ok' if check.ok else 'MISMATCH'}"
+                )
             if self.padded_rows_finite is not None:
                 lines.append(f"    fully padded rows give finite outputs: {self.padded_rows_finite}")
         else:
@@ -175,15 +182,17 @@ class ValidationError(ExportError):
     def __init__(self, report: ExportReport) -> None:
         self.report = report
         bad = [c for c in report.checks if not c.ok]
-        parts = [f"batch {c.batch} x seq {c.seq_len}: " + ", ".join(
-            f"{k} max abs diff {v:.3g}" for k, v in c.max_abs_diff.items()) for c in bad]
+        parts = [
+            f"batch {c.batch} x seq {c.seq_len}: "
+            + ", ".join(f"{k} max abs diff {v:.3g}" for k, v in c.max_abs_diff.items())
+            for c in bad
+        ]
         if report.padded_rows_finite is False:
             parts.append("fully padded rows give NaN/inf")
         tol = report.tolerance
         super().__init__(
             f"{report.format} export does not match the PyTorch model "
-            f"(atol={tol.atol:g}, rtol={tol.rtol:g}); nothing was written to {report.path}: "
-            + "; ".join(parts)
+            f"(atol={tol.atol:g}, rtol={tol.rtol:g}); nothing was written to {report.path}: " + "; ".join(parts)
         )
 
 
@@ -211,8 +220,9 @@ class _Fp32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 inside a reduced-precision model."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(
+            x.dtype
+        )
 
 
 class _Head(nn.Module):
@@ -335,20 +345,25 @@ def check_ranges(config: BertConfig, max_batch: int, max_seq_len: int | None) ->
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ExportError(f"{name} must be an int >= 1, got {value!r}")
     if max_seq_len > config.max_position_embeddings:
-        raise ExportError(f"max_seq_len={max_seq_len} is above the model's max_position_embeddings="
-                          f"{config.max_position_embeddings}: positions past it have no embedding")
+        raise ExportError(
+            f"max_seq_len={max_seq_len} is above the model's max_position_embeddings="
+            f"{config.max_position_embeddings}: positions past it have no embedding"
+        )
     return max_batch, max_seq_len
 
 
 def _describe_token_drop(config: BertConfig) -> str:
     drop = config.token_drop
-    return (f"the checkpoint is configured for token dropping (keep={drop.keep}, start_layer="
-            f"{drop.start_layer}, end_layer={drop.end_layer}); it is exported as the full-sequence "
-            f"encoder with dropping off (token dropping is a pretraining mode)")
+    return (
+        f"the checkpoint is configured for token dropping (keep={drop.keep}, start_layer="
+        f"{drop.start_layer}, end_layer={drop.end_layer}); it is exported as the full-sequence "
+        f"encoder with dropping off (token dropping is a pretraining mode)"
+    )
 
 
-def load_model(directory: str | os.PathLike, head: str | None = None, *,
-               backend: str = "sdpa") -> tuple[nn.Module, str, list[str]]:
+def load_model(
+    directory: str | os.PathLike, head: str | None = None, *, backend: str = "sdpa"
+) -> tuple[nn.Module, str, list[str]]:
     """Load a tokdrop or Hugging Face BERT directory for `head` (None: classifier when config.json
     names a sequence-classification architecture, else encoder). Token dropping is switched off and
     the attention backend set to an exportable one. Returns (model in eval mode, head, notes)."""
@@ -366,8 +381,10 @@ def load_model(directory: str | os.PathLike, head: str | None = None, *,
     if config.token_drop is not None:
         notes.append(_describe_token_drop(config))
     if head == "narrow-cls" and config.narrow is None:
-        raise ExportError(f"head 'narrow-cls' needs a NarrowBERT checkpoint (config.narrow set); "
-                          f"{directory} has a plain BERT config: use head 'classifier'")
+        raise ExportError(
+            f"head 'narrow-cls' needs a NarrowBERT checkpoint (config.narrow set); "
+            f"{directory} has a plain BERT config: use head 'classifier'"
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -415,8 +432,9 @@ def _cast(head: _Head, dtype: torch.dtype) -> _Head:
     return head
 
 
-def prepare(model: nn.Module | str | os.PathLike, head: str | None = None, *, dtype: str = "fp32",
-            normalize: bool = False) -> Prepared:
+def prepare(
+    model: nn.Module | str | os.PathLike, head: str | None = None, *, dtype: str = "fp32", normalize: bool = False
+) -> Prepared:
     """Turn a tokdrop model (or a checkpoint directory) into the export module of `head`.
 
     fp32 uses the `sdpa` attention path; fp16/bf16 cast the weights, keep LayerNorm in fp32 and use
@@ -427,10 +445,11 @@ def prepare(model: nn.Module | str | os.PathLike, head: str | None = None, *, dt
     if isinstance(model, (str, os.PathLike)):
         model, head, notes = load_model(model, head, backend=backend)
     else:
-        if not isinstance(model, (tokdrop.BertModel, tokdrop.BertForSequenceClassification,
-                                  tokdrop.BertForMaskedLM)):
-            raise ExportError(f"expected a tokdrop BertModel / BertForSequenceClassification / "
-                              f"BertForMaskedLM or a checkpoint directory, got {type(model).__name__}")
+        if not isinstance(model, (tokdrop.BertModel, tokdrop.BertForSequenceClassification, tokdrop.BertForMaskedLM)):
+            raise ExportError(
+                f"expected a tokdrop BertModel / BertForSequenceClassification / "
+                f"BertForMaskedLM or a checkpoint directory, got {type(model).__name__}"
+            )
         head = _infer_head(model, None) if head is None else head
         check_head(head)
         notes = []
@@ -447,12 +466,16 @@ def prepare(model: nn.Module | str | os.PathLike, head: str | None = None, *, dt
     if head == "narrow-cls" and config.narrow is None:
         raise ExportError("head 'narrow-cls' needs a NarrowBERT model (config.narrow set)")
     if head == "classifier" and config.narrow is not None:
-        notes.append("NarrowBERT model exported as the full-sequence classifier (every position is a "
-                     "query); ask for head 'narrow-cls' for the [CLS]-only graph")
+        notes.append(
+            "NarrowBERT model exported as the full-sequence classifier (every position is a "
+            "query); ask for head 'narrow-cls' for the [CLS]-only graph"
+        )
     if head == "narrow-cls":
-        notes.append(f"NarrowBERT [CLS]-only classifier: {config.narrow.full_layers} full layers, then "
-                     f"{config.num_hidden_layers - config.narrow.full_layers} narrow layers with [CLS] "
-                     f"as the only query")
+        notes.append(
+            f"NarrowBERT [CLS]-only classifier: {config.narrow.full_layers} full layers, then "
+            f"{config.num_hidden_layers - config.narrow.full_layers} narrow layers with [CLS] "
+            f"as the only query"
+        )
     if head == "encoder" and getattr(model, "pooler", None) is None and not any("pooler" in n for n in notes):
         notes.append("the model has no pooler: the encoder head returns last_hidden_state only")
     factory: Callable[[nn.Module], _Head] = {
@@ -471,8 +494,9 @@ def prepare(model: nn.Module | str | os.PathLike, head: str | None = None, *, dt
 # ------------------------------------------------------------------------------------------- inputs
 
 
-def make_inputs(config: BertConfig, lengths: Sequence[int], seq_len: int | None = None,
-                seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+def make_inputs(
+    config: BertConfig, lengths: Sequence[int], seq_len: int | None = None, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
     """Random right-padded (input_ids, attention_mask, token_type_ids) with the given real lengths
     (a length of 0 is a fully padded row); token types 0 then 1 for the second half of each row."""
     seq_len = max(max(lengths), 1) if seq_len is None else seq_len
@@ -527,9 +551,15 @@ def validation_shapes(max_batch: int, max_seq_len: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def validate(report: ExportReport, prepared: Prepared, run: Callable[..., Sequence[Any]],
-             max_batch: int, max_seq_len: int, tolerance: Tolerance,
-             shapes: Sequence[Sequence[int]] | None = None) -> ExportReport:
+def validate(
+    report: ExportReport,
+    prepared: Prepared,
+    run: Callable[..., Sequence[Any]],
+    max_batch: int,
+    max_seq_len: int,
+    tolerance: Tolerance,
+    shapes: Sequence[Sequence[int]] | None = None,
+) -> ExportReport:
     """Run `run(input_ids, attention_mask, token_type_ids) -> outputs` (tensors or numpy arrays)
     and the PyTorch reference at several padded shapes; record max abs diffs; then check that a
     batch with a fully padded row gives finite outputs. Raises ValidationError on a mismatch."""
@@ -544,8 +574,10 @@ def validate(report: ExportReport, prepared: Prepared, run: Callable[..., Sequen
             diffs, ok = {}, True
             for name, ref, out in zip(prepared.output_names, expected, got, strict=True):
                 if out.shape != ref.shape:
-                    raise ExportError(f"output {name} has shape {tuple(out.shape)}, PyTorch gives "
-                                      f"{tuple(ref.shape)} (batch {len(lengths)} x seq {seq_len})")
+                    raise ExportError(
+                        f"output {name} has shape {tuple(out.shape)}, PyTorch gives "
+                        f"{tuple(ref.shape)} (batch {len(lengths)} x seq {seq_len})"
+                    )
                 diff = (out - ref).abs()
                 diffs[name] = float(diff.max()) if diff.numel() else 0.0
                 ok = ok and bool(torch.isfinite(out).all()) and bool((diff <= tolerance.bound(ref)).all())
@@ -634,8 +666,14 @@ class Progress:
 
 def new_report(fmt: str, path: Path, prepared: Prepared, max_batch: int, max_seq_len: int) -> ExportReport:
     return ExportReport(
-        format=fmt, path=path, head=prepared.head, dtype=prepared.dtype, input_names=INPUT_NAMES,
-        output_names=prepared.output_names, batch_range=(1, max_batch), seq_range=(1, max_seq_len),
+        format=fmt,
+        path=path,
+        head=prepared.head,
+        dtype=prepared.dtype,
+        input_names=INPUT_NAMES,
+        output_names=prepared.output_names,
+        batch_range=(1, max_batch),
+        seq_range=(1, max_seq_len),
         notes=list(prepared.notes),
     )
 
@@ -644,12 +682,26 @@ def export_program(prepared: Prepared, max_batch: int, max_seq_len: int) -> torc
     """torch.export of the head with the shared dynamic batch/sequence dims."""
     example = example_inputs(prepared.config, max_batch, max_seq_len)
     with attention_backend(prepared.backend):
-        return torch.export.export(prepared.module, example,
-                                   dynamic_shapes=dynamic_shapes(max_batch, max_seq_len))
+        return torch.export.export(prepared.module, example, dynamic_shapes=dynamic_shapes(max_batch, max_seq_len))
 
 
 __all__ = [
-    "DTYPES", "HEADS", "INPUT_NAMES", "TOLERANCES", "ExportError", "ExportReport", "MissingDependencyError",
-    "Prepared", "ShapeCheck", "describe_source", "Tolerance", "ValidationError", "check_output_path", "load_model",
-    "make_inputs", "prepare", "validate", "validation_shapes",
+    "DTYPES",
+    "HEADS",
+    "INPUT_NAMES",
+    "TOLERANCES",
+    "ExportError",
+    "ExportReport",
+    "MissingDependencyError",
+    "Prepared",
+    "ShapeCheck",
+    "describe_source",
+    "Tolerance",
+    "ValidationError",
+    "check_output_path",
+    "load_model",
+    "make_inputs",
+    "prepare",
+    "validate",
+    "validation_shapes",
 ]

@@ -78,14 +78,19 @@ def select_providers(requested: Sequence[str] | None = None) -> list[str]:
     if requested:
         missing = [p for p in requested if p not in available]
         if missing:
-            log.warning("onnxruntime %s lacks the execution providers %s (it has %s); they are skipped",
-                        ort.__version__, missing, available)
+            log.warning(
+                "onnxruntime %s lacks the execution providers %s (it has %s); they are skipped",
+                ort.__version__,
+                missing,
+                available,
+            )
         chosen = [p for p in requested if p in available]
     else:
         gpu = [p for p in GPU_PROVIDERS if p in available]
         if gpu and not _gpu_present():
-            log.warning("no NVIDIA GPU found: onnxruntime's %s are not usable here; running on %s",
-                        ", ".join(gpu), CPU_PROVIDER)
+            log.warning(
+                "no NVIDIA GPU found: onnxruntime's %s are not usable here; running on %s", ", ".join(gpu), CPU_PROVIDER
+            )
             gpu = []
         chosen = gpu
     if CPU_PROVIDER not in chosen:
@@ -93,8 +98,9 @@ def select_providers(requested: Sequence[str] | None = None) -> list[str]:
     return chosen
 
 
-def make_session(path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None,
-                 spin: bool = True):
+def make_session(
+    path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None, spin: bool = True
+):
     """An ONNX Runtime session on the best providers, with a logged notice when it falls back to CPU.
     spin=False stops idle worker threads from spinning (fairer when other work shares the cores)."""
     ort = require("onnxruntime", "onnxruntime-gpu", "ONNX validation")
@@ -115,14 +121,19 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] | None = None
     active = session.get_providers()
     dropped = [p for p in chosen if p not in active]
     if dropped:
-        log.warning("ONNX Runtime is not using %s (their libraries or the GPU are missing); running on %s",
-                    ", ".join(dropped), ", ".join(active))
+        log.warning(
+            "ONNX Runtime is not using %s (their libraries or the GPU are missing); running on %s",
+            ", ".join(dropped),
+            ", ".join(active),
+        )
     return session
 
 
 def run_session(session: Any, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> list[np.ndarray]:
-    feed = {name: np.ascontiguousarray(np.asarray(t), dtype=np.int64)
-            for name, t in zip(INPUT_NAMES, (input_ids, attention_mask, token_type_ids), strict=True)}
+    feed = {
+        name: np.ascontiguousarray(np.asarray(t), dtype=np.int64)
+        for name, t in zip(INPUT_NAMES, (input_ids, attention_mask, token_type_ids), strict=True)
+    }
     return session.run(None, feed)
 
 
@@ -144,8 +155,14 @@ def _rewrite_rules():
 
     def merged_check(context, attn, cond, fill, shape, **_):
         cs = cond.shape
-        return (cs is not None and len(cs) == 4 and cs[2] == 1 and cs[3] == 1
-                and fill.shape is not None and len(fill.shape) == 0)
+        return (
+            cs is not None
+            and len(cs) == 4
+            and cs[2] == 1
+            and cs[3] == 1
+            and fill.shape is not None
+            and len(fill.shape) == 0
+        )
 
     # (2) Shape(Add(MatMul(x, W), b), start, end) over leading axes -> Shape(x, start, end), so the
     # projections feed only the attention and the bias can be folded into it.
@@ -159,11 +176,18 @@ def _rewrite_rules():
     def shape_check(context, x, w, b, shape, **_):
         node = shape.producer()
         start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end")
-        return (x.shape is not None and w.shape is not None and len(w.shape) == 2 and end is not None
-                and 0 <= start < end <= len(x.shape) - 1)
+        return (
+            x.shape is not None
+            and w.shape is not None
+            and len(w.shape) == 2
+            and end is not None
+            and 0 <= start < end <= len(x.shape) - 1
+        )
 
-    return (pattern.RewriteRule(merged_pattern, merged_replacement, merged_check),
-            pattern.RewriteRule(shape_pattern, shape_replacement, shape_check, remove_nodes=False))
+    return (
+        pattern.RewriteRule(merged_pattern, merged_replacement, merged_check),
+        pattern.RewriteRule(shape_pattern, shape_replacement, shape_check, remove_nodes=False),
+    )
 
 
 def fuse_for_ort(model: Any) -> dict[str, int]:
@@ -176,8 +200,9 @@ def fuse_for_ort(model: Any) -> dict[str, int]:
     RewriteRuleSet([merged_rule]).apply_to_model(model)
     fused, counts = ort_fusions.optimize_for_ort(model)
     if fused is not model:
-        raise ExportError("onnxscript's optimize_for_ort returned a new model; this onnxscript "
-                          "version is not supported")
+        raise ExportError(
+            "onnxscript's optimize_for_ort returned a new model; this onnxscript version is not supported"
+        )
     # optimize_for_ort stops at MultiHeadAttention when a projection also feeds a Shape; after
     # rewrite (2) the bias folding and the packed-QKV Attention fusion apply.
     try:
@@ -234,8 +259,14 @@ def to_fp16(src: Path, dst: Path, external: bool) -> None:
 def _save_proto(model: Any, dst: Path, external: bool) -> None:
     onnx = require("onnx", "onnx", "ONNX export")
     if external:
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=dst.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(dst),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=dst.name + ".data",
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(dst))
 
@@ -248,10 +279,20 @@ def _staged_files(stage: Path) -> list[str]:
 
 
 def to_onnx(
-    model: Any, path: str | os.PathLike, *, head: str | None = None, max_batch: int = 32,
-    max_seq_len: int | None = None, dtype: str = "fp32", optimize: bool = False, opset: int = 18,
-    external_data: bool | None = None, validate_export: bool = True, providers: Sequence[str] | None = None,
-    tolerance: Tolerance | None = None, normalize: bool = False,
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    head: str | None = None,
+    max_batch: int = 32,
+    max_seq_len: int | None = None,
+    dtype: str = "fp32",
+    optimize: bool = False,
+    opset: int = 18,
+    external_data: bool | None = None,
+    validate_export: bool = True,
+    providers: Sequence[str] | None = None,
+    tolerance: Tolerance | None = None,
+    normalize: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Export `model` (a tokdrop model or a checkpoint directory) to ONNX at `path` and validate it
@@ -282,8 +323,10 @@ def to_onnx(
     external = use_external_data(weight_bytes, external_data)
     with staging(path) as stage:
         target = stage / path.name
-        step(f"exporting with torch.onnx.export(dynamo=True, opset {opset}), batch 1..{max_batch}, "
-             f"sequence 1..{max_seq_len}")
+        step(
+            f"exporting with torch.onnx.export(dynamo=True, opset {opset}), batch 1..{max_batch}, "
+            f"sequence 1..{max_seq_len}"
+        )
         _export(prepared, target, opset, max_batch, max_seq_len, external)
         if optimize:
             step("fusing for ONNX Runtime (onnxscript ort_fusions)")
@@ -297,8 +340,14 @@ def to_onnx(
             session = make_session(target, providers)
             report.extra["execution providers"] = ", ".join(session.get_providers())
             step(f"validating with ONNX Runtime ({', '.join(session.get_providers())})")
-            validate(report, prepared, lambda *xs: run_session(session, *xs), max_batch, max_seq_len,
-                     tolerance or TOLERANCES[dtype])
+            validate(
+                report,
+                prepared,
+                lambda *xs: run_session(session, *xs),
+                max_batch,
+                max_seq_len,
+                tolerance or TOLERANCES[dtype],
+            )
             del session
         else:
             report.notes.append("validation skipped on request")
@@ -312,8 +361,7 @@ def to_onnx(
     return report
 
 
-def _export(prepared: Prepared, target: Path, opset: int, max_batch: int, max_seq_len: int,
-            external: bool) -> None:
+def _export(prepared: Prepared, target: Path, opset: int, max_batch: int, max_seq_len: int, external: bool) -> None:
     import warnings
 
     import torch
@@ -330,9 +378,15 @@ def _export(prepared: Prepared, target: Path, opset: int, max_batch: int, max_se
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
             warnings.filterwarnings("ignore", category=FutureWarning)
             program = torch.onnx.export(
-                prepared.module, example, dynamo=True, opset_version=opset,
-                input_names=list(INPUT_NAMES), output_names=list(prepared.output_names),
-                dynamic_shapes=dynamic_shapes(max_batch, max_seq_len), optimize=True, verbose=False,
+                prepared.module,
+                example,
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(INPUT_NAMES),
+                output_names=list(prepared.output_names),
+                dynamic_shapes=dynamic_shapes(max_batch, max_seq_len),
+                optimize=True,
+                verbose=False,
             )
     finally:
         registration.setLevel(level)
@@ -356,10 +410,19 @@ def _optimize_file(target: Path, external: bool) -> dict[str, int]:
     ir = require("onnx_ir", "onnx-ir", "the ORT-optimised ONNX graph")
     model = ir.load(str(target))
     counts = fuse_for_ort(model)
-    _rewrite_in_place(target, lambda dst: ir.save(
-        model, str(dst), external_data=dst.name + ".data" if external else None))
+    _rewrite_in_place(
+        target, lambda dst: ir.save(model, str(dst), external_data=dst.name + ".data" if external else None)
+    )
     return counts
 
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "fuse_for_ort", "make_session", "run_session", "select_providers",
-           "to_fp16", "to_onnx", "use_external_data"]
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "fuse_for_ort",
+    "make_session",
+    "run_session",
+    "select_providers",
+    "to_fp16",
+    "to_onnx",
+    "use_external_data",
+]

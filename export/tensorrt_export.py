@@ -66,8 +66,10 @@ ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 def _need_gpu(purpose: str) -> None:
     if not torch.cuda.is_available():
-        raise ExportError(f"{purpose} needs an NVIDIA GPU with CUDA; torch {torch.__version__} sees none "
-                          f"(torch.cuda.is_available() is False)")
+        raise ExportError(
+            f"{purpose} needs an NVIDIA GPU with CUDA; torch {torch.__version__} sees none "
+            f"(torch.cuda.is_available() is False)"
+        )
 
 
 def _profiles(max_batch: int, max_seq_len: int, opt_batch: int | None, opt_seq_len: int | None):
@@ -79,10 +81,20 @@ def _profiles(max_batch: int, max_seq_len: int, opt_batch: int | None, opt_seq_l
 
 
 def to_tensorrt(
-    model: Any, path: str | os.PathLike, *, head: str | None = None, max_batch: int = 32,
-    max_seq_len: int | None = None, opt_batch: int | None = None, opt_seq_len: int | None = None,
-    dtype: str = "fp32", route: str = "torch", validate_export: bool = True,
-    tolerance: Tolerance | None = None, normalize: bool = False, workspace_bytes: int | None = None,
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    head: str | None = None,
+    max_batch: int = 32,
+    max_seq_len: int | None = None,
+    opt_batch: int | None = None,
+    opt_seq_len: int | None = None,
+    dtype: str = "fp32",
+    route: str = "torch",
+    validate_export: bool = True,
+    tolerance: Tolerance | None = None,
+    normalize: bool = False,
+    workspace_bytes: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Compile `model` (tokdrop model or checkpoint directory) with TensorRT and save it at `path`.
@@ -92,18 +104,31 @@ def to_tensorrt(
     .engine/.plan. min shapes are (1, 1); opt defaults to half the max.
     """
     if route == "onnx":
-        return to_tensorrt_from_onnx(model, path, head=head, max_batch=max_batch, max_seq_len=max_seq_len,
-                                     opt_batch=opt_batch, opt_seq_len=opt_seq_len, dtype=dtype,
-                                     validate_export=validate_export, tolerance=tolerance,
-                                     normalize=normalize, workspace_bytes=workspace_bytes, progress=progress)
+        return to_tensorrt_from_onnx(
+            model,
+            path,
+            head=head,
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            opt_batch=opt_batch,
+            opt_seq_len=opt_seq_len,
+            dtype=dtype,
+            validate_export=validate_export,
+            tolerance=tolerance,
+            normalize=normalize,
+            workspace_bytes=workspace_bytes,
+            progress=progress,
+        )
     if route != "torch":
         raise ExportError(f"route must be 'torch' or 'onnx', got {route!r}")
     step = Progress(progress)
     path = Path(path)
     output_format = TORCH_TRT_FORMATS.get(path.suffix)
     if output_format is None:
-        raise ExportError(f"torch-tensorrt output must end in {' or '.join(TORCH_TRT_FORMATS)} "
-                          f"(ExportedProgram / AOTInductor package), got {path.name!r}")
+        raise ExportError(
+            f"torch-tensorrt output must end in {' or '.join(TORCH_TRT_FORMATS)} "
+            f"(ExportedProgram / AOTInductor package), got {path.name!r}"
+        )
     check_dtype(dtype)
     torch_trt = require("torch_tensorrt", "torch-tensorrt", "TensorRT export (route 'torch')")
     _need_gpu("TensorRT export")
@@ -116,17 +141,20 @@ def to_tensorrt(
     prepared.module.to(device)
     prepared.reference.to(device)
     report = new_report("tensorrt", path, prepared, max_batch, max_seq_len)
-    report.extra.update({"route": f"torch-tensorrt {getattr(torch_trt, '__version__', '?')} dynamo",
-                         "profile (batch, seq)": f"min {low}, opt {opt}, max {high}",
-                         "saved as": output_format})
+    report.extra.update(
+        {
+            "route": f"torch-tensorrt {getattr(torch_trt, '__version__', '?')} dynamo",
+            "profile (batch, seq)": f"min {low}, opt {opt}, max {high}",
+            "saved as": output_format,
+        }
+    )
     example = tuple(t.to(device) for t in example_inputs(prepared.config, max_batch, max_seq_len))
     shapes = dynamic_shapes(max_batch, max_seq_len)
     with attention_backend(prepared.backend):
         step("torch.export with one shared Dim per axis")
         program = torch.export.export(prepared.module, example, dynamic_shapes=shapes)
         # one Input per positional input, in INPUT_NAMES order; the same batch/seq profile for each
-        inputs = [torch_trt.Input(min_shape=low, opt_shape=opt, max_shape=high, dtype=torch.int64)
-                  for _ in INPUT_NAMES]
+        inputs = [torch_trt.Input(min_shape=low, opt_shape=opt, max_shape=high, dtype=torch.int64) for _ in INPUT_NAMES]
         settings: dict[str, Any] = {"min_block_size": 1, "truncate_double": True}
         params = inspect.signature(torch_trt.dynamo.compile).parameters
         if "use_explicit_typing" in params:  # strongly typed: precision from the (cast) model
@@ -140,8 +168,14 @@ def to_tensorrt(
         with staging(path) as stage:
             target = stage / path.name
             step(f"saving ({output_format})")
-            torch_trt.save(compiled, str(target), output_format=output_format, arg_inputs=list(example),
-                           dynamic_shapes=shapes, retrace=True)
+            torch_trt.save(
+                compiled,
+                str(target),
+                output_format=output_format,
+                arg_inputs=list(example),
+                dynamic_shapes=shapes,
+                retrace=True,
+            )
             if validate_export:
                 step("reloading and validating against PyTorch on the GPU")
                 if output_format == "aot_inductor":
@@ -181,10 +215,19 @@ def _validate_on(device, report, prepared, run, max_batch, max_seq_len, toleranc
 
 
 def to_tensorrt_from_onnx(
-    model: Any, path: str | os.PathLike, *, head: str | None = None, max_batch: int = 32,
-    max_seq_len: int | None = None, opt_batch: int | None = None, opt_seq_len: int | None = None,
-    dtype: str = "fp32", validate_export: bool = True, tolerance: Tolerance | None = None,
-    normalize: bool = False, workspace_bytes: int | None = None,
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    head: str | None = None,
+    max_batch: int = 32,
+    max_seq_len: int | None = None,
+    opt_batch: int | None = None,
+    opt_seq_len: int | None = None,
+    dtype: str = "fp32",
+    validate_export: bool = True,
+    tolerance: Tolerance | None = None,
+    normalize: bool = False,
+    workspace_bytes: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """The ONNX route: to_onnx (fp32 or fp16), then TensorRT's ONNX parser with one optimisation
@@ -205,14 +248,25 @@ def to_tensorrt_from_onnx(
     low, opt, high = _profiles(max_batch, max_seq_len, opt_batch, opt_seq_len)
     report = new_report("tensorrt", path, prepared, max_batch, max_seq_len)
     report.dtype = dtype
-    report.extra.update({"route": f"ONNX -> TensorRT {trt.__version__} OnnxParser",
-                         "profile (batch, seq)": f"min {low}, opt {opt}, max {high}"})
+    report.extra.update(
+        {
+            "route": f"ONNX -> TensorRT {trt.__version__} OnnxParser",
+            "profile (batch, seq)": f"min {low}, opt {opt}, max {high}",
+        }
+    )
     with staging(path) as stage:
         onnx_path = stage / "model.onnx"
         step("exporting ONNX")
-        to_onnx(model, onnx_path, head=prepared.head,
-                max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype, validate_export=False,
-                normalize=normalize)
+        to_onnx(
+            model,
+            onnx_path,
+            head=prepared.head,
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            dtype=dtype,
+            validate_export=False,
+            normalize=normalize,
+        )
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         flags = 0
@@ -273,7 +327,8 @@ class _EngineRunner:
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
             dtype = {self.trt.float32: torch.float32, self.trt.float16: torch.float16}[
-                self.engine.get_tensor_dtype(name)]
+                self.engine.get_tensor_dtype(name)
+            ]
             out = torch.empty(shape, dtype=dtype, device="cuda")
             self.context.set_tensor_address(name, out.data_ptr())
             outputs.append(out)

@@ -7,6 +7,13 @@ from .attention import BACKENDS, attention, attention_reference, register_backen
 from .rows import drop_tokens, drop_tokens_reference, restore_tokens, restore_tokens_reference
 
 __all__ = [
-    "BACKENDS", "attention", "attention_reference", "drop_tokens", "drop_tokens_reference", "register_backend",
-    "resolve_backend", "restore_tokens", "restore_tokens_reference",
+    "BACKENDS",
+    "attention",
+    "attention_reference",
+    "drop_tokens",
+    "drop_tokens_reference",
+    "register_backend",
+    "resolve_backend",
+    "restore_tokens",
+    "restore_tokens_reference",
 ]

@@ -38,7 +38,10 @@ _DEVICES: dict[str, tuple[str, ...]] = {}
 
 
 def register_backend(
-    name: str, fn: AttentionFn | None, missing: str = "", devices: tuple[str, ...] | None = None,
+    name: str,
+    fn: AttentionFn | None,
+    missing: str = "",
+    devices: tuple[str, ...] | None = None,
 ) -> None:
     """Make `name` dispatchable to `fn`, or record why it is unavailable (`fn=None`).
 
@@ -91,8 +94,15 @@ def _length_masks(q_lens: Tensor, k_lens: Tensor, lq: int, lk: int) -> tuple[Ten
 
 
 def attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, q_lens: Tensor, k_lens: Tensor,
-    *, scale: float | None = None, dropout_p: float = 0.0, dropout_mask: Tensor | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_lens: Tensor,
+    k_lens: Tensor,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Tensor | None = None,
 ) -> Tensor:
     """Plain PyTorch attention (any dtype, float64 included); softmax in at least float32.
 
@@ -115,13 +125,23 @@ def attention_reference(
 
 
 def _sdpa(
-    q: Tensor, k: Tensor, v: Tensor, q_lens: Tensor, k_lens: Tensor,
-    *, scale: float | None = None, dropout_p: float = 0.0,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_lens: Tensor,
+    k_lens: Tensor,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
 ) -> Tensor:
     q_valid, k_visible = _length_masks(q_lens, k_lens, q.shape[1], k.shape[1])
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=k_visible[:, None, None, :], dropout_p=dropout_p, scale=scale,
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=k_visible[:, None, None, :],
+        dropout_p=dropout_p,
+        scale=scale,
     ).transpose(1, 2)
     return out.masked_fill(~q_valid[:, :, None, None], 0.0)
 
@@ -162,8 +182,9 @@ def via_packed(packed_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
         if scale is not None:  # folded into q: keeps to varlen_attn's oldest signature
             q = q * (scale * q.shape[-1] ** 0.5)
-        out = packed_fn(pack(q, q_order, q_used), pack(k, k_order, k_used), pack(v, k_order, k_used),
-                        cu_q, cu_k, lq, lk)
+        out = packed_fn(
+            pack(q, q_order, q_used), pack(k, k_order, k_used), pack(v, k_order, k_used), cu_q, cu_k, lq, lk
+        )
         # Padding query rows land on the zeroed tail; packed_fn never wrote it.
         out = torch.where(q_used[:, None, None], out, 0.0)
         return out[torch.argsort(q_order)].unflatten(0, (batch, lq))
@@ -178,15 +199,27 @@ def _register_triton() -> None:
         register_backend("triton", None, f"triton is not installed ({err})")
         return
 
-    def run(q: Tensor, k: Tensor, v: Tensor, q_lens: Tensor, k_lens: Tensor,
-            *, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+    def run(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_lens: Tensor,
+        k_lens: Tensor,
+        *,
+        scale: float | None = None,
+        dropout_p: float = 0.0,
+    ) -> Tensor:
         if not ta.supports(q):
             return _sdpa(q, k, v, q_lens, k_lens, scale=scale, dropout_p=dropout_p)
         return ta.triton_attention(q, k, v, q_lens, k_lens, scale=scale, dropout_p=dropout_p, validate=False)[0]
 
     devices = ("cuda", "cpu") if ta.INTERPRETED else ("cuda",)
-    register_backend("triton", run, devices=devices,
-                     missing="it needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
+    register_backend(
+        "triton",
+        run,
+        devices=devices,
+        missing="it needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported",
+    )
 
 
 @functools.cache
@@ -204,18 +237,26 @@ def _register_flex() -> None:
         register_backend("flex", None, f"torch {torch.__version__} has no FlexAttention ({err})")
         return
 
-    def run(q: Tensor, k: Tensor, v: Tensor, q_lens: Tensor, k_lens: Tensor,
-            *, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+    def run(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_lens: Tensor,
+        k_lens: Tensor,
+        *,
+        scale: float | None = None,
+        dropout_p: float = 0.0,
+    ) -> Tensor:
         _no_dropout("flex", dropout_p)
 
         def length_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return (q_idx < q_lens[b]) & (kv_idx < k_lens[b])
 
-        block_mask = create_block_mask(length_mask, q.shape[0], None, q.shape[1], k.shape[1],
-                                       device=q.device)
+        block_mask = create_block_mask(length_mask, q.shape[0], None, q.shape[1], k.shape[1], device=q.device)
         flex = _compiled_flex() if q.is_cuda else flex_attention
-        out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                   block_mask=block_mask, scale=scale).transpose(1, 2)
+        out = flex(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale
+        ).transpose(1, 2)
         # Fully masked rows come out as zeros already; masked_fill makes that a contract.
         q_valid, _ = _length_masks(q_lens, k_lens, q.shape[1], k.shape[1])
         return out.masked_fill(~q_valid[:, :, None, None], 0.0)
@@ -231,13 +272,22 @@ def _register_varlen() -> None:
         return
     packed = via_packed(varlen_attn)
 
-    def run(q: Tensor, k: Tensor, v: Tensor, q_lens: Tensor, k_lens: Tensor,
-            *, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+    def run(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_lens: Tensor,
+        k_lens: Tensor,
+        *,
+        scale: float | None = None,
+        dropout_p: float = 0.0,
+    ) -> Tensor:
         _no_dropout("varlen", dropout_p)
         return packed(q, k, v, q_lens, k_lens, scale=scale)
 
-    register_backend("varlen", run, devices=("cuda",),
-                     missing="varlen_attn runs FlashAttention kernels, which need CUDA tensors")
+    register_backend(
+        "varlen", run, devices=("cuda",), missing="varlen_attn runs FlashAttention kernels, which need CUDA tensors"
+    )
 
 
 def _register_xformers() -> None:
@@ -247,16 +297,25 @@ def _register_xformers() -> None:
         register_backend("xformers", None, "xformers is not installed")
         return
 
-    def run(q: Tensor, k: Tensor, v: Tensor, q_lens: Tensor, k_lens: Tensor,
-            *, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+    def run(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_lens: Tensor,
+        k_lens: Tensor,
+        *,
+        scale: float | None = None,
+        dropout_p: float = 0.0,
+    ) -> Tensor:
         batch, lq, lk = q.shape[0], q.shape[1], k.shape[1]
         q_valid, k_visible = _length_masks(q_lens, k_lens, lq, lk)
         # A tensor bias keeps the layout static (the block-diagonal masks want Python lists); its
         # rows must be 8-aligned in memory, hence the wider allocation.
         bias = q.new_zeros((batch, 1, lq, -(-lk // 8) * 8))[..., :lk]
         bias.masked_fill_(~k_visible[:, None, None, :], float("-inf"))
-        out = memory_efficient_attention(q, k, v, attn_bias=bias.expand(-1, q.shape[2], -1, -1),
-                                         p=dropout_p, scale=scale)
+        out = memory_efficient_attention(
+            q, k, v, attn_bias=bias.expand(-1, q.shape[2], -1, -1), p=dropout_p, scale=scale
+        )
         return out.masked_fill(~q_valid[:, :, None, None], 0.0)
 
     register_backend("xformers", run, devices=("cuda",), missing="xformers kernels need CUDA tensors")
@@ -271,8 +330,16 @@ _register_xformers()
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, q_lens: Tensor, k_lens: Tensor,
-    *, scale: float | None = None, dropout_p: float = 0.0, backend: str | None = None, validate: bool = True,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_lens: Tensor,
+    k_lens: Tensor,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+    validate: bool = True,
 ) -> Tensor:
     """Dispatch to the chosen backend (see the module docstring for the shapes).
 

@@ -38,9 +38,24 @@ _jit = (lambda fn: fn) if triton is None else triton.jit
 
 @_jit
 def _gather_rows_kernel(
-    X, IDX, LENS, OUT, n_rows, K, H,
-    sxb, sxs, sxh, sib, sij, sob, soj, soh,
-    HAS_LENS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    X,
+    IDX,
+    LENS,
+    OUT,
+    n_rows,
+    K,
+    H,
+    sxb,
+    sxs,
+    sxh,
+    sib,
+    sij,
+    sob,
+    soj,
+    soh,
+    HAS_LENS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """OUT[b, j] = X[b, IDX[b, j]]; zero in slots j >= LENS[b] when LENS is given."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -53,16 +68,32 @@ def _gather_rows_kernel(
         take = take & (j < tl.load(LENS + b, mask=r_ok, other=0))
     src = tl.load(IDX + b * sib + j * sij, mask=take, other=0)
     h_ok = cols[None, :] < H
-    x = tl.load(X + b[:, None] * sxb + src[:, None] * sxs + cols[None, :] * sxh,
-                mask=take[:, None] & h_ok, other=0.0)
+    x = tl.load(X + b[:, None] * sxb + src[:, None] * sxs + cols[None, :] * sxh, mask=take[:, None] & h_ok, other=0.0)
     tl.store(OUT + b[:, None] * sob + j[:, None] * soj + cols[None, :] * soh, x, mask=r_ok[:, None] & h_ok)
 
 
 @_jit
 def _merge_rows_kernel(
-    BASE, ROWS, INV, OUT, n_rows, S, H,
-    sbb, sbs, sbh, srb, srj, srh, sob, sos, soh,
-    HAS_BASE: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    BASE,
+    ROWS,
+    INV,
+    OUT,
+    n_rows,
+    S,
+    H,
+    sbb,
+    sbs,
+    sbh,
+    srb,
+    srj,
+    srh,
+    sob,
+    sos,
+    soh,
+    HAS_BASE: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """OUT[b, s] = ROWS[b, INV[b, s]] where INV[b, s] >= 0, else BASE[b, s]; absent inputs read 0."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -75,11 +106,13 @@ def _merge_rows_kernel(
     from_rows = (slot >= 0)[:, None]
     val = tl.zeros([BLOCK_R, BLOCK_H], OUT.dtype.element_ty)
     if HAS_ROWS:
-        val = tl.load(ROWS + b[:, None] * srb + slot[:, None] * srj + cols[None, :] * srh,
-                      mask=ok & from_rows, other=0.0)
+        val = tl.load(
+            ROWS + b[:, None] * srb + slot[:, None] * srj + cols[None, :] * srh, mask=ok & from_rows, other=0.0
+        )
     if HAS_BASE:
-        base = tl.load(BASE + b[:, None] * sbb + s[:, None] * sbs + cols[None, :] * sbh,
-                       mask=ok & ~from_rows, other=0.0)
+        base = tl.load(
+            BASE + b[:, None] * sbb + s[:, None] * sbs + cols[None, :] * sbh, mask=ok & ~from_rows, other=0.0
+        )
         val = tl.where(from_rows, val, base)
     tl.store(OUT + b[:, None] * sob + s[:, None] * sos + cols[None, :] * soh, val, mask=ok)
 
@@ -101,8 +134,20 @@ def _gather_rows(x: Tensor, idx: Tensor, lens: Tensor | None) -> Tensor:
     out = x.new_empty((batch, slots, x.shape[2]))
     grid, tiles = _tiles(batch * slots, x.shape[2])
     lens = None if lens is None else lens.contiguous()  # read with unit stride
-    _gather_rows_kernel[grid](x, idx, lens, out, batch * slots, slots, x.shape[2],
-                              *x.stride(), *idx.stride(), *out.stride(), HAS_LENS=lens is not None, **tiles)
+    _gather_rows_kernel[grid](
+        x,
+        idx,
+        lens,
+        out,
+        batch * slots,
+        slots,
+        x.shape[2],
+        *x.stride(),
+        *idx.stride(),
+        *out.stride(),
+        HAS_LENS=lens is not None,
+        **tiles,
+    )
     return out
 
 
@@ -123,9 +168,19 @@ def _merge_rows(base: Tensor | None, rows: Tensor | None, inv: Tensor, like: Ten
     no_strides = (0, 0, 0)
     grid, tiles = _tiles(batch * positions, hidden)
     _merge_rows_kernel[grid](
-        base, rows, inv, out, batch * positions, positions, hidden,
-        *(no_strides if base is None else base.stride()), *(no_strides if rows is None else rows.stride()),
-        *out.stride(), HAS_BASE=base is not None, HAS_ROWS=rows is not None, **tiles,
+        base,
+        rows,
+        inv,
+        out,
+        batch * positions,
+        positions,
+        hidden,
+        *(no_strides if base is None else base.stride()),
+        *(no_strides if rows is None else rows.stride()),
+        *out.stride(),
+        HAS_BASE=base is not None,
+        HAS_ROWS=rows is not None,
+        **tiles,
     )
     return out
 

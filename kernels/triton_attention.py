@@ -101,13 +101,46 @@ _UPCAST_DOTS = tl.constexpr(INTERPRETED)
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Out, LSE, Q_SEQ, K_SEQ, Q_INDEX, SEED,
-    scale, dropout_p,
-    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
-    slb, slh, slt, sib,
-    NH, MAX_Q, MAX_K,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr, GATHER_Q: tl.constexpr, DROPOUT: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    LSE,
+    Q_SEQ,
+    K_SEQ,
+    Q_INDEX,
+    SEED,
+    scale,
+    dropout_p,
+    sqb,
+    sqt,
+    sqh,
+    sqd,
+    skb,
+    skt,
+    skh,
+    skd,
+    svb,
+    svt,
+    svh,
+    svd,
+    sob,
+    sot,
+    soh,
+    sod,
+    slb,
+    slh,
+    slt,
+    sib,
+    NH,
+    MAX_Q,
+    MAX_K,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr,
+    GATHER_Q: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     # One program per (b, h, block of query slots); consecutive programs share K/V in L2.
     bh, b, h, start_m = _program_block(MAX_Q, NH, BLOCK_M)
@@ -118,8 +151,7 @@ def _attn_fwd_kernel(
     row_ok = rows < q_len
     dims = tl.arange(0, HEAD_DIM)
     q_tok = _query_tokens(Q_INDEX, b, sib, q_start, rows, row_ok, GATHER_Q)
-    q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqt + dims[None, :] * sqd,
-                mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqt + dims[None, :] * sqd, mask=row_ok[:, None], other=0.0)
     K += b * skb + h * skh + k_start * skt
     V += b * svb + h * svh + k_start * svt
     if DROPOUT:
@@ -157,17 +189,36 @@ def _attn_fwd_kernel(
     else:
         store_ok = rows < MAX_Q  # padding rows get their zeros
     o_rows = q_start + rows
-    tl.store(Out + b * sob + h * soh + o_rows[:, None] * sot + dims[None, :] * sod,
-             out.to(Out.dtype.element_ty), mask=store_ok[:, None])
+    tl.store(
+        Out + b * sob + h * soh + o_rows[:, None] * sot + dims[None, :] * sod,
+        out.to(Out.dtype.element_ty),
+        mask=store_ok[:, None],
+    )
     tl.store(LSE + b * slb + h * slh + o_rows * slt, lse, mask=store_ok)
 
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    Out, DO, DELTA, Q_SEQ,
-    sob, sot, soh, sod, sdb, sdt, sdh, sdd, slb, slh, slt,
-    NH, MAX_Q,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PACKED: tl.constexpr,
+    Out,
+    DO,
+    DELTA,
+    Q_SEQ,
+    sob,
+    sot,
+    soh,
+    sod,
+    sdb,
+    sdt,
+    sdh,
+    sdd,
+    slb,
+    slh,
+    slt,
+    NH,
+    MAX_Q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     """delta = rowsum(dO * O), the softmax-backward correction term, in the layout of lse."""
     bh, b, h, start_m = _program_block(MAX_Q, NH, BLOCK_M)
@@ -176,10 +227,8 @@ def _attn_bwd_preprocess_kernel(
     row_ok = rows < q_len
     dims = tl.arange(0, HEAD_DIM)
     o_rows = q_start + rows
-    o = tl.load(Out + b * sob + h * soh + o_rows[:, None] * sot + dims[None, :] * sod,
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + o_rows[:, None] * sdt + dims[None, :] * sdd,
-                 mask=row_ok[:, None], other=0.0)
+    o = tl.load(Out + b * sob + h * soh + o_rows[:, None] * sot + dims[None, :] * sod, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + o_rows[:, None] * sdt + dims[None, :] * sdd, mask=row_ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if PACKED:
         store_ok = row_ok
@@ -190,13 +239,57 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_SEQ, K_SEQ, Q_INDEX, SEED,
-    scale, dropout_p,
-    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdb, sdt, sdh, sdd,
-    sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, slb, slh, slt, sib,
-    NH, MAX_Q, MAX_K,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr, GATHER_Q: tl.constexpr, DROPOUT: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    Q_SEQ,
+    K_SEQ,
+    Q_INDEX,
+    SEED,
+    scale,
+    dropout_p,
+    sqb,
+    sqt,
+    sqh,
+    sqd,
+    skb,
+    skt,
+    skh,
+    skd,
+    svb,
+    svt,
+    svh,
+    svd,
+    sdb,
+    sdt,
+    sdh,
+    sdd,
+    sdkb,
+    sdkt,
+    sdkh,
+    sdkd,
+    sdvb,
+    sdvt,
+    sdvh,
+    sdvd,
+    slb,
+    slh,
+    slt,
+    sib,
+    NH,
+    MAX_Q,
+    MAX_K,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr,
+    GATHER_Q: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     # One program per (b, h, block of keys), looping over the query blocks: no atomics.
     bh, b, h, start_n = _program_block(MAX_K, NH, BLOCK_N)
@@ -207,10 +300,8 @@ def _attn_bwd_dkdv_kernel(
     col_ok = cols < k_len
     dims = tl.arange(0, HEAD_DIM)
     k_rows = k_start + cols
-    k = tl.load(K + b * skb + h * skh + k_rows[:, None] * skt + dims[None, :] * skd,
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * svb + h * svh + k_rows[:, None] * svt + dims[None, :] * svd,
-                mask=col_ok[:, None], other=0.0)
+    k = tl.load(K + b * skb + h * skh + k_rows[:, None] * skt + dims[None, :] * skd, mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * svb + h * svh + k_rows[:, None] * svt + dims[None, :] * svd, mask=col_ok[:, None], other=0.0)
     Q += b * sqb + h * sqh
     DO += b * sdb + h * sdh + q_start * sdt
     LSE += b * slb + h * slh + q_start * slt
@@ -249,21 +340,66 @@ def _attn_bwd_dkdv_kernel(
         store_ok = col_ok
     else:
         store_ok = cols < MAX_K
-    tl.store(DK + b * sdkb + h * sdkh + k_rows[:, None] * sdkt + dims[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=store_ok[:, None])
-    tl.store(DV + b * sdvb + h * sdvh + k_rows[:, None] * sdvt + dims[None, :] * sdvd,
-             dv.to(DV.dtype.element_ty), mask=store_ok[:, None])
+    tl.store(
+        DK + b * sdkb + h * sdkh + k_rows[:, None] * sdkt + dims[None, :] * sdkd,
+        dk.to(DK.dtype.element_ty),
+        mask=store_ok[:, None],
+    )
+    tl.store(
+        DV + b * sdvb + h * sdvh + k_rows[:, None] * sdvt + dims[None, :] * sdvd,
+        dv.to(DV.dtype.element_ty),
+        mask=store_ok[:, None],
+    )
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, Q_SEQ, K_SEQ, Q_INDEX, SEED,
-    scale, dropout_p,
-    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdb, sdt, sdh, sdd,
-    sdqb, sdqt, sdqh, sdqd, slb, slh, slt, sib,
-    NH, MAX_Q, MAX_K,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr, GATHER_Q: tl.constexpr, DROPOUT: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    Q_SEQ,
+    K_SEQ,
+    Q_INDEX,
+    SEED,
+    scale,
+    dropout_p,
+    sqb,
+    sqt,
+    sqh,
+    sqd,
+    skb,
+    skt,
+    skh,
+    skd,
+    svb,
+    svt,
+    svh,
+    svd,
+    sdb,
+    sdt,
+    sdh,
+    sdd,
+    sdqb,
+    sdqt,
+    sdqh,
+    sdqd,
+    slb,
+    slh,
+    slt,
+    sib,
+    NH,
+    MAX_Q,
+    MAX_K,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr,
+    GATHER_Q: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     # One program per (b, h, block of query slots), looping over the key blocks.
     bh, b, h, start_m = _program_block(MAX_Q, NH, BLOCK_M)
@@ -275,10 +411,8 @@ def _attn_bwd_dq_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q_tok = _query_tokens(Q_INDEX, b, sib, q_start, rows, row_ok, GATHER_Q)
     o_rows = q_start + rows
-    q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqt + dims[None, :] * sqd,
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + o_rows[:, None] * sdt + dims[None, :] * sdd,
-                 mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqt + dims[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + o_rows[:, None] * sdt + dims[None, :] * sdd, mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + b * slb + h * slh + o_rows * slt, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + b * slb + h * slh + o_rows * slt, mask=row_ok, other=0.0)
     K += b * skb + h * skh + k_start * skt
@@ -309,13 +443,15 @@ def _attn_bwd_dq_kernel(
         store_ok = row_ok  # other sequences' rows, or (gathered) rows of q outside the index
     else:
         store_ok = rows < MAX_Q
-    tl.store(DQ + b * sdqb + h * sdqh + q_tok[:, None] * sdqt + dims[None, :] * sdqd,
-             dq.to(DQ.dtype.element_ty), mask=store_ok[:, None])
+    tl.store(
+        DQ + b * sdqb + h * sdqh + q_tok[:, None] * sdqt + dims[None, :] * sdqd,
+        dq.to(DQ.dtype.element_ty),
+        mask=store_ok[:, None],
+    )
 
 
 @triton.jit
-def _dropout_mask_kernel(SEED, MASK, dropout_p, MAX_Q, MAX_K, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(SEED, MASK, dropout_p, MAX_Q, MAX_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -388,16 +524,34 @@ def _launch_fwd(q, k, v, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, m
     cfg = _config(d, q.device)
     grid = (batch * nh * triton.cdiv(max_q, cfg["BLOCK_M"]),)
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dropout_p,
-        *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(out, packed),
-        *_strides(lse, packed), _index_stride(q_index),
-        nh, max_q, max_k, HEAD_DIM=d, **_flags(q_index, dropout_p, packed), **cfg,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        q_seq,
+        k_seq,
+        q_index,
+        seed,
+        scale,
+        dropout_p,
+        *_strides(q, packed),
+        *_strides(k, packed),
+        *_strides(v, packed),
+        *_strides(out, packed),
+        *_strides(lse, packed),
+        _index_stride(q_index),
+        nh,
+        max_q,
+        max_k,
+        HEAD_DIM=d,
+        **_flags(q_index, dropout_p, packed),
+        **cfg,
     )
     return out, lse
 
 
-def _launch_bwd(dout, q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, max_k,
-                packed):
+def _launch_bwd(dout, q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, max_k, packed):
     q_seq, k_seq, q_index = _dense(q_seq, k_seq, q_index)
     batch, nh, d = _batch(q, q_seq, packed), q.shape[-2], q.shape[-1]
     dq, dk, dv = _new_grads(q, k, v, q_index)
@@ -407,19 +561,71 @@ def _launch_bwd(dout, q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dro
     q_blocks = batch * nh * triton.cdiv(max_q, cfg["BLOCK_M"])
     k_blocks = batch * nh * triton.cdiv(max_k, cfg["BLOCK_N"])
     _attn_bwd_preprocess_kernel[(q_blocks,)](
-        out, dout, delta, q_seq, *_strides(out, packed), *_strides(dout, packed),
-        *_strides(lse, packed), nh, max_q, HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], PACKED=packed,
+        out,
+        dout,
+        delta,
+        q_seq,
+        *_strides(out, packed),
+        *_strides(dout, packed),
+        *_strides(lse, packed),
+        nh,
+        max_q,
+        HEAD_DIM=d,
+        BLOCK_M=cfg["BLOCK_M"],
+        PACKED=packed,
     )
     common = (*_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(dout, packed))
     _attn_bwd_dkdv_kernel[(k_blocks,)](
-        q, k, v, dout, lse, delta, dk, dv, q_seq, k_seq, q_index, seed, scale, dropout_p,
-        *common, *_strides(dk, packed), *_strides(dv, packed), *_strides(lse, packed),
-        _index_stride(q_index), nh, max_q, max_k, HEAD_DIM=d, **flags, **cfg,
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        q_seq,
+        k_seq,
+        q_index,
+        seed,
+        scale,
+        dropout_p,
+        *common,
+        *_strides(dk, packed),
+        *_strides(dv, packed),
+        *_strides(lse, packed),
+        _index_stride(q_index),
+        nh,
+        max_q,
+        max_k,
+        HEAD_DIM=d,
+        **flags,
+        **cfg,
     )
     _attn_bwd_dq_kernel[(q_blocks,)](
-        q, k, v, dout, lse, delta, dq, q_seq, k_seq, q_index, seed, scale, dropout_p,
-        *common, *_strides(dq, packed), *_strides(lse, packed),
-        _index_stride(q_index), nh, max_q, max_k, HEAD_DIM=d, **flags, **cfg,
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        q_seq,
+        k_seq,
+        q_index,
+        seed,
+        scale,
+        dropout_p,
+        *common,
+        *_strides(dq, packed),
+        *_strides(lse, packed),
+        _index_stride(q_index),
+        nh,
+        max_q,
+        max_k,
+        HEAD_DIM=d,
+        **flags,
+        **cfg,
     )
     return dq, dk, dv
 
@@ -432,8 +638,18 @@ def _launch_bwd(dout, q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dro
 
 @torch.library.custom_op("tokdrop::attention_fwd", mutates_args=())
 def attention_fwd_op(
-    q: Tensor, k: Tensor, v: Tensor, q_seq: Tensor, k_seq: Tensor, q_index: Tensor | None,
-    seed: Tensor | None, scale: float, dropout_p: float, max_q: int, max_k: int, packed: bool,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_seq: Tensor,
+    k_seq: Tensor,
+    q_index: Tensor | None,
+    seed: Tensor | None,
+    scale: float,
+    dropout_p: float,
+    max_q: int,
+    max_k: int,
+    packed: bool,
 ) -> tuple[Tensor, Tensor]:
     return _launch_fwd(q, k, v, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, max_k, packed)
 
@@ -445,12 +661,23 @@ def _(q, k, v, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, max_k, pack
 
 @torch.library.custom_op("tokdrop::attention_bwd", mutates_args=())
 def attention_bwd_op(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, q_seq: Tensor,
-    k_seq: Tensor, q_index: Tensor | None, seed: Tensor | None, scale: float, dropout_p: float,
-    max_q: int, max_k: int, packed: bool,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    q_seq: Tensor,
+    k_seq: Tensor,
+    q_index: Tensor | None,
+    seed: Tensor | None,
+    scale: float,
+    dropout_p: float,
+    max_q: int,
+    max_k: int,
+    packed: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _launch_bwd(dout, q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dropout_p,
-                       max_q, max_k, packed)
+    return _launch_bwd(dout, q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, max_k, packed)
 
 
 @attention_bwd_op.register_fake
@@ -513,7 +740,10 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, ndim: int) -> None:
 
 
 def _scale_and_seed(
-    q: Tensor, scale: float | None, dropout_p: float, seed: Tensor | None,
+    q: Tensor,
+    scale: float | None,
+    dropout_p: float,
+    seed: Tensor | None,
 ) -> tuple[float, Tensor | None]:
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -522,14 +752,25 @@ def _scale_and_seed(
     elif seed is None:
         seed = torch.randint(0, 2**62, (1,), device=q.device)
     elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != q.device:
-        raise TypeError(f"seed must be a one-element int64 tensor on {q.device}, got {seed.dtype} "
-                        f"{list(seed.shape)} on {seed.device}")
+        raise TypeError(
+            f"seed must be a one-element int64 tensor on {q.device}, got {seed.dtype} "
+            f"{list(seed.shape)} on {seed.device}"
+        )
     return q.shape[-1] ** -0.5 if scale is None else float(scale), seed
 
 
 def triton_attention(
-    q: Tensor, k: Tensor, v: Tensor, q_lens: Tensor, k_lens: Tensor, *, scale: float | None = None,
-    dropout_p: float = 0.0, q_index: Tensor | None = None, seed: Tensor | None = None, validate: bool = True,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_lens: Tensor,
+    k_lens: Tensor,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    q_index: Tensor | None = None,
+    seed: Tensor | None = None,
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Padded-layout attention; returns (out, lse). See the module docstring for the shapes.
 
@@ -552,14 +793,22 @@ def triton_attention(
         if q_index is not None:
             check_index("q_index", q_index, q.shape[1], q_lens)
     scale, seed = _scale_and_seed(q, scale, dropout_p, seed)
-    return attention_fwd_op(q, k, v, q_lens, k_lens, q_index, seed, scale, float(dropout_p),
-                            slots, k.shape[1], False)
+    return attention_fwd_op(q, k, v, q_lens, k_lens, q_index, seed, scale, float(dropout_p), slots, k.shape[1], False)
 
 
 def triton_attention_varlen(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-    max_seqlen_q: int, max_seqlen_k: int, *, scale: float | None = None, dropout_p: float = 0.0,
-    seed: Tensor | None = None, validate: bool = True,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Packed-layout attention; returns (out [Tq, NH, D], lse [NH, Tq]).
 
@@ -579,12 +828,12 @@ def triton_attention_varlen(
         check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
         check_lengths(cu_seqlens_q.diff(), cu_seqlens_k.diff(), max_seqlen_q, max_seqlen_k)
     scale, seed = _scale_and_seed(q, scale, dropout_p, seed)
-    return attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, None, seed, scale, float(dropout_p),
-                            max_seqlen_q, max_seqlen_k, True)
+    return attention_fwd_op(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, None, seed, scale, float(dropout_p), max_seqlen_q, max_seqlen_k, True
+    )
 
 
-def dropout_keep_mask(seed: Tensor, batch: int, heads: int, max_q: int, max_k: int,
-                      dropout_p: float) -> Tensor:
+def dropout_keep_mask(seed: Tensor, batch: int, heads: int, max_q: int, max_k: int, dropout_p: float) -> Tensor:
     """The kernels' keep-mask, bool [B, NH, max_q, max_k], indexed by (b, h, query slot, key position).
 
     Slots and positions count from each sequence's start in the packed layout. Scale kept

@@ -99,8 +99,9 @@ class Inputs:
         self.q, self.k, self.v = gathered.requires_grad_(), leaf(batch, self.lk), leaf(batch, self.lk)
         self.q_valid = torch.arange(self.lq, device=device) < self.q_lens[:, None]
         k_valid = torch.arange(self.lk, device=device) < self.k_lens[:, None]
-        self.qp, self.kp, self.vp = (x.detach()[m].requires_grad_()
-                                     for x, m in ((self.q, self.q_valid), (self.k, k_valid), (self.v, k_valid)))
+        self.qp, self.kp, self.vp = (
+            x.detach()[m].requires_grad_() for x, m in ((self.q, self.q_valid), (self.k, k_valid), (self.v, k_valid))
+        )
         self.cu_q, self.cu_k = (torch.nn.functional.pad(n.cumsum(0), (1, 0)).int() for n in (self.q_lens, self.k_lens))
         self.fwd_flops = 4 * heads * d * int((self.q_lens.long() * self.k_lens.long()).sum())
 
@@ -160,8 +161,9 @@ def implementations(x: Inputs, case: Case) -> dict[str, Callable[[], Callable[[]
         block_mask = create_block_mask(length_mask, x.q.shape[0], None, x.lq, x.lk, device=x.q.device)
         torch._dynamo.reset()  # one compilation per case, never the recompile limit
         fn = torch.compile(flex_attention, dynamic=False)
-        return lambda: fn(x.q.transpose(1, 2), x.k.transpose(1, 2), x.v.transpose(1, 2),
-                          block_mask=block_mask).transpose(1, 2)
+        return lambda: fn(
+            x.q.transpose(1, 2), x.k.transpose(1, 2), x.v.transpose(1, 2), block_mask=block_mask
+        ).transpose(1, 2)
 
     def xformers():
         try:
@@ -173,8 +175,16 @@ def implementations(x: Inputs, case: Case) -> dict[str, Callable[[], Callable[[]
         bias = fmha.BlockDiagonalMask.from_seqlens(x.q_lens.tolist(), x.k_lens.tolist())
         return lambda: fmha.memory_efficient_attention(x.qp[None], x.kp[None], x.vp[None], attn_bias=bias)[0]
 
-    return {f.__name__: f for f in (triton, triton_packed, triton_gather, gather_then_triton, *(
-        {"sdpa": sdpa, "varlen": varlen, "flex": flex, "xformers": xformers}[b] for b in BASELINES))}
+    return {
+        f.__name__: f
+        for f in (
+            triton,
+            triton_packed,
+            triton_gather,
+            gather_then_triton,
+            *({"sdpa": sdpa, "varlen": varlen, "flex": flex, "xformers": xformers}[b] for b in BASELINES),
+        )
+    }
 
 
 def timer(device: str) -> Callable[[Callable[[], object], list[torch.Tensor]], float]:
@@ -238,23 +248,35 @@ def target_checks(cases: list[dict[str, object]]) -> list[dict[str, object]]:
         for baseline, minimum in TARGETS:
             speedup = case["ratios"].get(f"fwd_bwd_speedup_vs_{baseline}")
             if speedup is not None:
-                checks.append({"case": {k: case[k] for k in ("head_dim", "seq_len", "fraction", "keys")},
-                               "baseline": baseline, "target": minimum, "speedup": speedup,
-                               "met": speedup >= minimum})
+                checks.append(
+                    {
+                        "case": {k: case[k] for k in ("head_dim", "seq_len", "fraction", "keys")},
+                        "baseline": baseline,
+                        "target": minimum,
+                        "speedup": speedup,
+                        "met": speedup >= minimum,
+                    }
+                )
     return checks
 
 
 def gather_comparison(cases: list[dict[str, object]]) -> dict[str, object] | None:
     """Fused query gather against gathering first, fwd+bwd, over the cases that time both."""
-    speedups = [c["results"]["gather_then_triton"]["fwd_bwd_ms"] / c["results"]["triton_gather"]["fwd_bwd_ms"]
-                for c in cases
-                if "fwd_bwd_ms" in c["results"].get("triton_gather", {})
-                and "fwd_bwd_ms" in c["results"].get("gather_then_triton", {})]
+    speedups = [
+        c["results"]["gather_then_triton"]["fwd_bwd_ms"] / c["results"]["triton_gather"]["fwd_bwd_ms"]
+        for c in cases
+        if "fwd_bwd_ms" in c["results"].get("triton_gather", {})
+        and "fwd_bwd_ms" in c["results"].get("gather_then_triton", {})
+    ]
     if not speedups:
         return None
     geomean = math.exp(statistics.fmean(math.log(x) for x in speedups))
-    return {"cases": len(speedups), "fused_faster_in": sum(x > 1.0 for x in speedups),
-            "geomean_fwd_bwd_speedup_of_fused": geomean, "faster": "fused" if geomean > 1.0 else "gather_then_kernel"}
+    return {
+        "cases": len(speedups),
+        "fused_faster_in": sum(x > 1.0 for x in speedups),
+        "geomean_fwd_bwd_speedup_of_fused": geomean,
+        "faster": "fused" if geomean > 1.0 else "gather_then_kernel",
+    }
 
 
 def print_table(cases: list[dict[str, object]]) -> None:
@@ -275,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
         if not args.smoke:
-            print("bench_attention: CPU timings mean nothing here; use --device cpu --smoke to check the code path",
-                  file=sys.stderr)
+            print(
+                "bench_attention: CPU timings mean nothing here; use --device cpu --smoke to check the code path",
+                file=sys.stderr,
+            )
             return 2
         # Must precede the first import of triton (through tokdrop.kernels).
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -290,8 +314,14 @@ def main(argv: list[str] | None = None) -> int:
 
     time_ms = timer(args.device)
     cases = []
-    grid = [Case(d, s, f, keys) for d in args.head_dims for s in args.seq_lens for f in args.fractions
-            for keys in ("kept", "full") if not (keys == "full" and f == 1.0)]  # identical at fraction 1
+    grid = [
+        Case(d, s, f, keys)
+        for d in args.head_dims
+        for s in args.seq_lens
+        for f in args.fractions
+        for keys in ("kept", "full")
+        if not (keys == "full" and f == 1.0)
+    ]  # identical at fraction 1
     if not args.smoke and 64 in args.head_dims:
         grid.append(Case(64, 512, 1.0, "kept", full_lengths=True))  # FA3's published setting
     for case in grid:
@@ -301,29 +331,44 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         import xformers
+
         xformers_version = xformers.__version__
     except ImportError:
         xformers_version = None
     fa3 = [c for c in cases if c["full_lengths"]]
     payload = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter, smoke)",
-        "torch": torch.__version__, "triton": triton.__version__, "xformers": xformers_version,
-        "git": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dtype": "bfloat16", "batch": args.batch, "hidden": args.hidden,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "xformers": xformers_version,
+        "git": git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dtype": "bfloat16",
+        "batch": args.batch,
+        "hidden": args.hidden,
         "flops": "fwd = 4*NH*D*sum_b(Lq_b*Lk_b); fwd+bwd = 3.5 x fwd",
-        "cases": cases, "targets": target_checks(cases), "query_gather": gather_comparison(cases),
-        "fa3_comparison": None if not fa3 else {
+        "cases": cases,
+        "targets": target_checks(cases),
+        "query_gather": gather_comparison(cases),
+        "fa3_comparison": None
+        if not fa3
+        else {
             "published_h100_fwd_bwd_tflops": FA3_H100_FWD_BWD_TFLOPS,
             "ours_fwd_bwd_tflops": fa3[0]["results"].get("triton", {}).get("fwd_bwd_tflops"),
             "case": "head_dim 64, every sequence 512 tokens, all queries and keys",
         },
     }
     slug = "".join(ch if ch.isalnum() else "_" for ch in payload["device"].lower()).strip("_")
-    out = args.out or (Path(tempfile.gettempdir()) / "bench_attention_smoke.json" if args.smoke
-                       else REPO / "perf" / "results" / f"bench_attention_{slug}.json")
+    out = args.out or (
+        Path(tempfile.gettempdir()) / "bench_attention_smoke.json"
+        if args.smoke
+        else REPO / "perf" / "results" / f"bench_attention_{slug}.json"
+    )
     for check in payload["targets"]:
-        print(f"target {'met' if check['met'] else 'MISSED'}: {check['case']} fwd+bwd {check['speedup']:.2f}x "
-              f"{check['baseline']} (>= {check['target']})")
+        print(
+            f"target {'met' if check['met'] else 'MISSED'}: {check['case']} fwd+bwd {check['speedup']:.2f}x "
+            f"{check['baseline']} (>= {check['target']})"
+        )
     print(f"query gather, fused vs gather first: {payload['query_gather']}")
     write_atomically(out, lambda path: Path(path).write_text(json.dumps(payload, indent=2) + "\n"))
     print(f"wrote {out}")

@@ -51,21 +51,25 @@ CLASSIFIER_VARIANTS = ("cls_full_eager", "cls_narrow_eager", "cls_full_onnx", "c
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=tuple(SIZES), default="minilm-l12", help="model shape")
     parser.add_argument("--full-layers", type=int, default=2, help="NarrowBERT full layers")
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions per shape")
     parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads (torch and ORT)")
     parser.add_argument("--skip", default="", help="comma-separated variants to leave out")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="results file (default perf/results/bench_inference_<device>.json)")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="results file (default perf/results/bench_inference_<device>.json)"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where exports go (default: a temp dir)")
     parser.add_argument("--reuse", action="store_true", help="reuse exports already in --workdir")
-    parser.add_argument("--gap", type=float, default=0.05,
-                        help="seconds of idle between timed calls, so that one variant's spinning worker "
-                             "threads (ONNX Runtime, OpenMP) do not steal the cores of the next")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=0.05,
+        help="seconds of idle between timed calls, so that one variant's spinning worker "
+        "threads (ONNX Runtime, OpenMP) do not steal the cores of the next",
+    )
     return parser.parse_args(argv)
 
 
@@ -75,15 +79,16 @@ def batch(config: tokdrop.BertConfig, size: int, seq: int) -> tuple[torch.Tensor
     return common.make_inputs(config, lengths, seq, seed=size * 1000 + seq)
 
 
-def time_variants(fns: dict[str, Callable[[], object]], repeat: int, warmup: int,
-                  gap: float = 0.0) -> dict[str, list[float]]:
+def time_variants(
+    fns: dict[str, Callable[[], object]], repeat: int, warmup: int, gap: float = 0.0
+) -> dict[str, list[float]]:
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeat):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             time.sleep(gap)
             start = time.perf_counter()
@@ -94,8 +99,13 @@ def time_variants(fns: dict[str, Callable[[], object]], repeat: int, warmup: int
 
 def summarise(times: list[float], size: int) -> dict[str, float]:
     median = statistics.median(times)
-    return {"median_ms": 1e3 * median, "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),
-            "sequences_per_s": size / median, "repeats": len(times)}
+    return {
+        "median_ms": 1e3 * median,
+        "min_ms": 1e3 * min(times),
+        "max_ms": 1e3 * max(times),
+        "sequences_per_s": size / median,
+        "repeats": len(times),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -103,8 +113,14 @@ def main(argv: list[str] | None = None) -> dict:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     torch.set_num_threads(args.threads)
     device = "cpu"
-    base = tokdrop.BertConfig(**SIZES[args.size], vocab_size=30522, max_position_embeddings=512,
-                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_backend="sdpa")
+    base = tokdrop.BertConfig(
+        **SIZES[args.size],
+        vocab_size=30522,
+        max_position_embeddings=512,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_backend="sdpa",
+    )
     max_batch = max(b for b, _ in NARROW_SHAPES)
     max_seq = max(s for _, s in NARROW_SHAPES)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tokdrop_bench_"))
@@ -112,15 +128,27 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {
         "benchmark": "bench_inference",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": cpu_name(), "device_type": device, "threads": args.threads,
-        "torch": torch.__version__, "python": platform.python_version(), "git": git_commit(),
+        "device": cpu_name(),
+        "device_type": device,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git": git_commit(),
         "note": "ONNX Runtime sessions run with spinning off and calls are spaced by --gap, so that idle "
-                "worker threads do not take the cores of the next variant; exports are not re-validated here "
-                "(tests/test_export_*.py validate them); AOTInductor is timed through torch's package loader, "
-                "the same compiled .so that tokdrop-serve runs",
-        "model": {"size": args.size, **SIZES[args.size], "vocab_size": 30522, "weights": "random",
-                  "narrow_full_layers": args.full_layers},
-        "encoder": {}, "classifier": {}, "skipped": {}, "export_seconds": {},
+        "worker threads do not take the cores of the next variant; exports are not re-validated here "
+        "(tests/test_export_*.py validate them); AOTInductor is timed through torch's package loader, "
+        "the same compiled .so that tokdrop-serve runs",
+        "model": {
+            "size": args.size,
+            **SIZES[args.size],
+            "vocab_size": 30522,
+            "weights": "random",
+            "narrow_full_layers": args.full_layers,
+        },
+        "encoder": {},
+        "classifier": {},
+        "skipped": {},
+        "export_seconds": {},
         "load_average_start": os.getloadavg(),
     }
     try:
@@ -135,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     encoder = tokdrop.BertModel(base).eval()
     dense_cls = tokdrop.BertForSequenceClassification(base).eval()
     narrow_cls = tokdrop.BertForSequenceClassification(
-        dataclasses.replace(base, narrow=tokdrop.NarrowConfig(full_layers=args.full_layers))).eval()
+        dataclasses.replace(base, narrow=tokdrop.NarrowConfig(full_layers=args.full_layers))
+    ).eval()
     narrow_cls.load_state_dict(dense_cls.state_dict())  # same weights: only the queries differ
 
     def export(name: str, fn: Callable[[], object], target: str) -> bool:
@@ -162,41 +191,74 @@ def main(argv: list[str] | None = None) -> dict:
         compiled = torch.compile(common.EncoderHead(encoder), dynamic=True)
         fns_encoder["compile"] = lambda x: compiled(*x)
     sessions = {}
-    if export("onnx", lambda: to_onnx(encoder, workdir / "encoder.onnx", max_batch=max_batch,
-                                      max_seq_len=max_seq, validate_export=False), "encoder.onnx"):
+    if export(
+        "onnx",
+        lambda: to_onnx(
+            encoder, workdir / "encoder.onnx", max_batch=max_batch, max_seq_len=max_seq, validate_export=False
+        ),
+        "encoder.onnx",
+    ):
         sessions["onnx"] = make_session(workdir / "encoder.onnx", threads=args.threads, spin=False)
         fns_encoder["onnx"] = lambda x: run_session(sessions["onnx"], *x)
-    if export("onnx_fused", lambda: to_onnx(encoder, workdir / "encoder_fused.onnx", max_batch=max_batch,
-                                            max_seq_len=max_seq, optimize=True, validate_export=False),
-              "encoder_fused.onnx"):
+    if export(
+        "onnx_fused",
+        lambda: to_onnx(
+            encoder,
+            workdir / "encoder_fused.onnx",
+            max_batch=max_batch,
+            max_seq_len=max_seq,
+            optimize=True,
+            validate_export=False,
+        ),
+        "encoder_fused.onnx",
+    ):
         sessions["onnx_fused"] = make_session(workdir / "encoder_fused.onnx", threads=args.threads, spin=False)
         fns_encoder["onnx_fused"] = lambda x: run_session(sessions["onnx_fused"], *x)
-    if export("aoti", lambda: to_aoti(encoder, workdir / "encoder.pt2", max_batch=max_batch,
-                                      max_seq_len=max_seq, validate_export=False), "encoder.pt2"):
+    if export(
+        "aoti",
+        lambda: to_aoti(
+            encoder, workdir / "encoder.pt2", max_batch=max_batch, max_seq_len=max_seq, validate_export=False
+        ),
+        "encoder.pt2",
+    ):
         package = torch._inductor.aoti_load_package(str(workdir / "encoder.pt2"))
         fns_encoder["aoti"] = lambda x: package(*x)
     if "tensorrt" not in skip:
-        results["skipped"]["tensorrt"] = ("needs torch-tensorrt and an NVIDIA GPU; this run is on the CPU "
-                                          "(no TensorRT here)")
+        results["skipped"]["tensorrt"] = (
+            "needs torch-tensorrt and an NVIDIA GPU; this run is on the CPU (no TensorRT here)"
+        )
     fns_cls: dict[str, Callable[[tuple], object]] = {
         "cls_full_eager": lambda x: dense_cls(*x).logits,
         "cls_narrow_eager": lambda x: narrow_cls(*x).logits,
     }
-    if export("cls_full_onnx", lambda: to_onnx(dense_cls, workdir / "cls_full.onnx", max_batch=max_batch,
-                                               max_seq_len=max_seq, validate_export=False), "cls_full.onnx"):
+    if export(
+        "cls_full_onnx",
+        lambda: to_onnx(
+            dense_cls, workdir / "cls_full.onnx", max_batch=max_batch, max_seq_len=max_seq, validate_export=False
+        ),
+        "cls_full.onnx",
+    ):
         sessions["cls_full_onnx"] = make_session(workdir / "cls_full.onnx", threads=args.threads, spin=False)
         fns_cls["cls_full_onnx"] = lambda x: run_session(sessions["cls_full_onnx"], *x)
-    if export("cls_narrow_onnx", lambda: to_onnx(narrow_cls, workdir / "cls_narrow.onnx", head="narrow-cls",
-                                                 max_batch=max_batch, max_seq_len=max_seq, validate_export=False),
-              "cls_narrow.onnx"):
+    if export(
+        "cls_narrow_onnx",
+        lambda: to_onnx(
+            narrow_cls,
+            workdir / "cls_narrow.onnx",
+            head="narrow-cls",
+            max_batch=max_batch,
+            max_seq_len=max_seq,
+            validate_export=False,
+        ),
+        "cls_narrow.onnx",
+    ):
         sessions["cls_narrow_onnx"] = make_session(workdir / "cls_narrow.onnx", threads=args.threads, spin=False)
         fns_cls["cls_narrow_onnx"] = lambda x: run_session(sessions["cls_narrow_onnx"], *x)
     fns_cls = {k: v for k, v in fns_cls.items() if k not in skip}
     fns_encoder = {k: v for k, v in fns_encoder.items() if k not in skip}
 
     with torch.inference_mode():
-        for section, shapes, fns in (("encoder", ENCODER_SHAPES, fns_encoder),
-                                     ("classifier", NARROW_SHAPES, fns_cls)):
+        for section, shapes, fns in (("encoder", ENCODER_SHAPES, fns_encoder), ("classifier", NARROW_SHAPES, fns_cls)):
             for size, seq in shapes:
                 inputs = batch(base, size, seq)
                 # big shapes: fewer repetitions (each call takes seconds on a CPU)
@@ -204,8 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
                 repeat = args.repeat * 4 if size * seq <= 512 else max(2, args.repeat // scale)
                 warmup = 1 if scale > 1 else args.warmup
                 print(f"{section} batch {size} x seq {seq}: {', '.join(fns)} ({repeat} repeats)", flush=True)
-                times = time_variants({k: (lambda f=f, x=inputs: f(x)) for k, f in fns.items()}, repeat, warmup,
-                                      args.gap)
+                times = time_variants(
+                    {k: (lambda f=f, x=inputs: f(x)) for k, f in fns.items()}, repeat, warmup, args.gap
+                )
                 row = {k: summarise(v, size) for k, v in times.items()}
                 ref = "eager" if section == "encoder" else "cls_full_eager"
                 for k in row:
@@ -215,9 +278,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     results["load_average_end"] = os.getloadavg()
     if max(results["load_average_start"][0], results["load_average_end"][0]) > args.threads:
-        results["warning"] = (f"the machine was busy (load average {results['load_average_start'][0]:.1f} at the "
-                              f"start, {results['load_average_end'][0]:.1f} at the end, {args.threads} threads): "
-                              f"absolute times are inflated; ratios of interleaved runs are the figures")
+        results["warning"] = (
+            f"the machine was busy (load average {results['load_average_start'][0]:.1f} at the "
+            f"start, {results['load_average_end'][0]:.1f} at the end, {args.threads} threads): "
+            f"absolute times are inflated; ratios of interleaved runs are the figures"
+        )
     enc = results["encoder"].get("1x128", {})
     cls = results["classifier"].get("32x512", {})
     results["targets"] = {
@@ -238,8 +303,11 @@ def _target(row: dict, name: str, key: str, bound: float, op: str) -> dict | Non
     if name not in row:
         return None
     value, best = row[name][key], row[name]["min_" + key]
-    return {"value": round(value, 3), "met": value <= bound if op == "<=" else value >= bound,
-            "value_from_min_times": round(best, 3)}
+    return {
+        "value": round(value, 3),
+        "met": value <= bound if op == "<=" else value >= bound,
+        "value_from_min_times": round(best, 3),
+    }
 
 
 def _ratio(row: dict, num: str, den: str) -> dict | None:

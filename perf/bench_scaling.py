@@ -39,8 +39,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None, help="for shards and runs (default: a temp dir)")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="results file (default: perf/results/bench_scaling_<cpu|gpu>.json)")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="results file (default: perf/results/bench_scaling_<cpu|gpu>.json)"
+    )
     parser.add_argument("--steps", type=positive_int, default=30, help="training steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the median")
     parser.add_argument("--repeats", type=positive_int, default=2, help="runs per configuration")
@@ -48,8 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per process per step")
     parser.add_argument("--gpu-batch-size", type=positive_int, default=64, help="sequences per step on the GPU")
     parser.add_argument("--mode", default="token_drop", help="tokdrop pretrain --mode")
-    parser.add_argument("--model", nargs="*", default=["--preset", "tiny", "--layers", "4"],
-                        help="model flags of tokdrop pretrain")
+    parser.add_argument(
+        "--model", nargs="*", default=["--preset", "tiny", "--layers", "4"], help="model flags of tokdrop pretrain"
+    )
     args = parser.parse_args(argv)
     if args.warmup >= args.steps:
         parser.error(f"--warmup {args.warmup} leaves no timed step of --steps {args.steps}")
@@ -60,8 +62,11 @@ def prepare_shards(workdir: Path) -> Path:
     corpus = workdir / "corpus.txt"
     if not corpus.exists():
         corpus.write_text("\n".join(load_corpus().train) + "\n")
-    subprocess.run([*PRETRAIN, "--data", str(corpus), "--vocab-size", "8192", "--out", str(workdir),
-                    "--prepare-only"], check=True, cwd=REPO)
+    subprocess.run(
+        [*PRETRAIN, "--data", str(corpus), "--vocab-size", "8192", "--out", str(workdir), "--prepare-only"],
+        check=True,
+        cwd=REPO,
+    )
     return workdir / "shards"
 
 
@@ -83,9 +88,27 @@ def main(argv: list[str] | None = None) -> dict:
         workdir = args.workdir or Path(temp)
         workdir.mkdir(parents=True, exist_ok=True)
         shards = prepare_shards(workdir)
-        common = ["--data", str(shards), "--mode", args.mode, *args.model, "--seq-len", str(args.seq_len),
-                  "--steps", str(args.steps), "--warmup-steps", "1", "--log-every", "1",
-                  "--save-every", str(args.steps), "--keep-last", "1", "--num-workers", "0"]
+        common = [
+            "--data",
+            str(shards),
+            "--mode",
+            args.mode,
+            *args.model,
+            "--seq-len",
+            str(args.seq_len),
+            "--steps",
+            str(args.steps),
+            "--warmup-steps",
+            "1",
+            "--log-every",
+            "1",
+            "--save-every",
+            str(args.steps),
+            "--keep-last",
+            "1",
+            "--num-workers",
+            "0",
+        ]
         cpu = [*common, "--batch-size", str(args.batch_size)]
         # name -> (command, threads per process, processes)
         configs = {
@@ -119,8 +142,12 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup_2proc_vs_1proc_2threads": best["cpu_2proc_1thread"] / best["cpu_1proc_2threads"],
         "runs": runs,
     }
-    print(format_table(("configuration", "processes", "tokens/s"),
-                       [(name, str(results["processes"][name]), f"{rate:.0f}") for name, rate in best.items()]))
+    print(
+        format_table(
+            ("configuration", "processes", "tokens/s"),
+            [(name, str(results["processes"][name]), f"{rate:.0f}") for name, rate in best.items()],
+        )
+    )
     print(f"scaling efficiency, 2 processes vs 1 (1 thread each): {results['scaling_efficiency_2proc']:.2f}")
     target = args.json or REPO / "perf" / "results" / f"bench_scaling_{'gpu' if results['gpu'] else 'cpu'}.json"
     write_atomically(target, lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))

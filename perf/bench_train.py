@@ -55,10 +55,20 @@ from tokdrop.training import (
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = {
-    "base": {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-             "intermediate_size": 3072},
-    "tiny": {"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
-             "intermediate_size": 128},
+    "base": {
+        "vocab_size": 30522,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+    },
+    "tiny": {
+        "vocab_size": 1000,
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+    },
 }
 MODELS = ("dense", "token_drop", "narrow", "random_ltd", "varlen", "transformers")
 COMPILE_MODES = ("none", "default", "max-autotune")
@@ -80,19 +90,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--seq-len", type=positive_int, nargs="+", default=[128, 512], help="sequence lengths")
     parser.add_argument("--batch", type=positive_int, default=32, help="sequences per step")
-    parser.add_argument("--compile", nargs="+", choices=COMPILE_MODES, default=["none", "default"],
-                        help="torch.compile modes; every model runs under each")
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        choices=COMPILE_MODES,
+        default=["none", "default"],
+        help="torch.compile modes; every model runs under each",
+    )
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="models to run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (they compile)")
     parser.add_argument("--reps", type=positive_int, default=20, help="timed repetitions")
-    parser.add_argument("--max-batch", action="store_true",
-                        help="CUDA: also find each variant's largest batch that fits and time it there")
+    parser.add_argument(
+        "--max-batch",
+        action="store_true",
+        help="CUDA: also find each variant's largest batch that fits and time it there",
+    )
     parser.add_argument("--max-batch-limit", type=positive_int, default=1024, help="largest batch --max-batch tries")
-    parser.add_argument("--peak-size", type=positive_int, default=None,
-                        help="matmul side for the peak (default 8192 on CUDA, 1024 on CPU)")
+    parser.add_argument(
+        "--peak-size",
+        type=positive_int,
+        default=None,
+        help="matmul side for the peak (default 8192 on CUDA, 1024 on CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="results file (default perf/results/bench_train_<device>.json)")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="results file (default perf/results/bench_train_<device>.json)"
+    )
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
@@ -122,8 +145,12 @@ def matmul_peak(device: torch.device, size: int) -> dict[str, object]:
         if rep >= 3:  # the first calls pick kernels and warm clocks
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    return {"dtype": str(dtype).removeprefix("torch."), "size": size, "median_s": seconds,
-            "tflops": 2 * size**3 / seconds / 1e12}
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "size": size,
+        "median_s": seconds,
+        "tflops": 2 * size**3 / seconds / 1e12,
+    }
 
 
 def sync(device: torch.device) -> None:
@@ -205,8 +232,7 @@ def model_configs(base: BertConfig) -> dict[str, BertConfig]:
     return configs
 
 
-def make_variants(args: argparse.Namespace, base: BertConfig, seq_len: int,
-                  skipped: dict[str, str]) -> list[Variant]:
+def make_variants(args: argparse.Namespace, base: BertConfig, seq_len: int, skipped: dict[str, str]) -> list[Variant]:
     """Every (model, compile mode) pair of the run; unrunnable ones go to `skipped` with the reason."""
     device = torch.device(args.device)
     configs = model_configs(base)
@@ -231,6 +257,7 @@ def make_variants(args: argparse.Namespace, base: BertConfig, seq_len: int,
 
                 def build(config=config, mode=mode):
                     return wrap(build_model(config, args.seed, device), device, mode)
+
             variants.append(Variant(model_name, mode, flops, build))
     return variants
 
@@ -246,13 +273,20 @@ def wrap(model: nn.Module, device: torch.device, mode: str) -> nn.Module:
 
 
 def batch_for(args: argparse.Namespace, seq_len: int, batch: int) -> dict[str, torch.Tensor]:
-    shape = argparse.Namespace(seed=args.seed, vocab_size=args.vocab_size, batch_size=batch, seq_len=seq_len,
-                               predictions=num_mlm_predictions(seq_len), device=args.device)
+    shape = argparse.Namespace(
+        seed=args.seed,
+        vocab_size=args.vocab_size,
+        batch_size=batch,
+        seq_len=seq_len,
+        predictions=num_mlm_predictions(seq_len),
+        device=args.device,
+    )
     return random_batch(shape)
 
 
-def time_interleaved(variants: list[Variant], batch: dict[str, torch.Tensor], args: argparse.Namespace,
-                     device: torch.device) -> dict[str, dict[str, object]]:
+def time_interleaved(
+    variants: list[Variant], batch: dict[str, torch.Tensor], args: argparse.Namespace, device: torch.device
+) -> dict[str, dict[str, object]]:
     """Build every variant, then run warm-up and timed repetitions in rotating order."""
     results: dict[str, dict[str, object]] = {}
     live: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
@@ -281,8 +315,11 @@ def time_interleaved(variants: list[Variant], batch: dict[str, torch.Tensor], ar
                 steps[name].append(seconds)
                 if peak is not None:
                     peaks[name] = max(peaks.get(name, 0), peak)
-        print(f"  repetition {rep + 1}/{args.warmup + args.reps}" + (" (warm-up)" if rep < args.warmup else ""),
-              file=sys.stderr, flush=True)
+        print(
+            f"  repetition {rep + 1}/{args.warmup + args.reps}" + (" (warm-up)" if rep < args.warmup else ""),
+            file=sys.stderr,
+            flush=True,
+        )
     for name in live:
         results[name] = {"step_s": steps[name], "peak_memory_bytes": peaks.get(name)}
     live.clear()
@@ -290,8 +327,9 @@ def time_interleaved(variants: list[Variant], batch: dict[str, torch.Tensor], ar
     return results
 
 
-def step_with_peak(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                   device: torch.device) -> tuple[float, int | None]:
+def step_with_peak(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], device: torch.device
+) -> tuple[float, int | None]:
     """One train_step and, on CUDA, this variant's peak: the step's peak allocation less what the
     other resident variants hold, i.e. the peak it would have alone on the GPU."""
     if device.type != "cuda":
@@ -302,8 +340,7 @@ def step_with_peak(model: nn.Module, optimizer: torch.optim.Optimizer, batch: di
     return seconds, torch.cuda.max_memory_allocated(device) - others
 
 
-def largest_batch(variant: Variant, args: argparse.Namespace, seq_len: int, device: torch.device,
-                  peak: dict) -> dict:
+def largest_batch(variant: Variant, args: argparse.Namespace, seq_len: int, device: torch.device, peak: dict) -> dict:
     """Double the batch until a step runs out of memory, then bisect; time the largest that fits."""
 
     def fits(batch: int) -> bool:
@@ -348,9 +385,15 @@ def summarise(entry: dict, variant: Variant, batch: int, seq_len: int, peak: dic
     flops = variant.flops_per_seq * batch
     tflops = flops / median / 1e12
     return {
-        "model": variant.model_name, "compile": variant.compile, "batch": batch,
-        "median_step_s": median, "min_step_s": min(entry["step_s"]), "tokens_per_s": batch * seq_len / median,
-        "flops_per_step": flops, "tflops": tflops, "mfu": tflops / peak["tflops"] if peak else None,
+        "model": variant.model_name,
+        "compile": variant.compile,
+        "batch": batch,
+        "median_step_s": median,
+        "min_step_s": min(entry["step_s"]),
+        "tokens_per_s": batch * seq_len / median,
+        "flops_per_step": flops,
+        "tflops": tflops,
+        "mfu": tflops / peak["tflops"] if peak else None,
         **entry,
     }
 
@@ -360,8 +403,11 @@ def summarise(entry: dict, variant: Variant, batch: int, seq_len: int, peak: dic
 
 def best(variants: dict[str, dict], model: str) -> tuple[str, dict] | None:
     """The fastest timed variant of `model`; "transformers_compiled" means any compiled HF one."""
-    name_ok = (lambda v: v.get("model") == "transformers" and v["compile"] != "none") \
-        if model == "transformers_compiled" else (lambda v: v.get("model") == model)
+    name_ok = (
+        (lambda v: v.get("model") == "transformers" and v["compile"] != "none")
+        if model == "transformers_compiled"
+        else (lambda v: v.get("model") == model)
+    )
     timed = [(name, v) for name, v in variants.items() if "median_step_s" in v and name_ok(v)]
     return min(timed, key=lambda item: item[1]["median_step_s"]) if timed else None
 
@@ -375,9 +421,17 @@ def target_checks(runs: dict[str, dict], device_type: str) -> list[dict[str, obj
         for kind, numerator, denominator, per_length in TARGETS:
             target = per_length.get(int(seq), per_length.get(None))
             num, den = best(variants, numerator), best(variants, denominator)
-            check = {"name": f"{kind} {numerator}/{denominator}", "seq_len": int(seq), "target": target,
-                     "direction": ">=" if kind == "throughput" else "<=", "numerator": num and num[0],
-                     "denominator": den and den[0], "measured": None, "flop_model": None, "met": None}
+            check = {
+                "name": f"{kind} {numerator}/{denominator}",
+                "seq_len": int(seq),
+                "target": target,
+                "direction": ">=" if kind == "throughput" else "<=",
+                "numerator": num and num[0],
+                "denominator": den and den[0],
+                "measured": None,
+                "flop_model": None,
+                "met": None,
+            }
             if num and den:
                 n, d = num[1], den[1]
                 if kind == "time":
@@ -392,9 +446,19 @@ def target_checks(runs: dict[str, dict], device_type: str) -> list[dict[str, obj
             checks.append(check)
         dense = best(variants, "dense")
         mfu = dense[1]["mfu"] if dense else None
-        checks.append({"name": "mfu dense", "seq_len": int(seq), "target": MFU_TARGET, "direction": ">=",
-                       "numerator": dense and dense[0], "denominator": "matmul peak", "measured": mfu,
-                       "flop_model": None, "met": None if mfu is None or device_type != "cuda" else mfu >= MFU_TARGET})
+        checks.append(
+            {
+                "name": "mfu dense",
+                "seq_len": int(seq),
+                "target": MFU_TARGET,
+                "direction": ">=",
+                "numerator": dense and dense[0],
+                "denominator": "matmul peak",
+                "measured": mfu,
+                "flop_model": None,
+                "met": None if mfu is None or device_type != "cuda" else mfu >= MFU_TARGET,
+            }
+        )
     return checks
 
 
@@ -404,11 +468,16 @@ def target_checks(runs: dict[str, dict], device_type: str) -> list[dict[str, obj
 def versions() -> dict[str, str | None]:
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
-            "cuda": torch.version.cuda}
+    return {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -428,8 +497,12 @@ def main(argv: list[str] | None = None) -> dict:
         variants = make_variants(args, config, seq_len, skipped)
         print(f"seq {seq_len}: {', '.join(v.name for v in variants)}", file=sys.stderr)
         timed = time_interleaved(variants, batch_for(args, seq_len, args.batch), args, device)
-        run = {"batch": args.batch, "predictions_per_seq": num_mlm_predictions(seq_len), "skipped": skipped,
-               "variants": {v.name: summarise(timed[v.name], v, args.batch, seq_len, peak) for v in variants}}
+        run = {
+            "batch": args.batch,
+            "predictions_per_seq": num_mlm_predictions(seq_len),
+            "skipped": skipped,
+            "variants": {v.name: summarise(timed[v.name], v, args.batch, seq_len, peak) for v in variants},
+        }
         if args.max_batch:
             run["max_batch"] = {}
             for variant in variants:
@@ -464,8 +537,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def tables(results: dict) -> str:
     peak = results["matmul_peak"]
-    out = [f"{results['device']}, torch {results['torch']}, {results['precision']}, "
-           f"{peak['dtype']} matmul peak {peak['tflops']:.2f} TFLOP/s"]
+    out = [
+        f"{results['device']}, torch {results['torch']}, {results['precision']}, "
+        f"{peak['dtype']} matmul peak {peak['tflops']:.2f} TFLOP/s"
+    ]
     for seq, run in results["runs"].items():
         rows = []
         for name, v in run["variants"].items():
@@ -473,15 +548,32 @@ def tables(results: dict) -> str:
                 rows.append((name, "-", "-", "-", "-", "-", v["error"][:60]))
                 continue
             memory = "-" if v["peak_memory_bytes"] is None else f"{v['peak_memory_bytes'] / 2**30:.2f}"
-            rows.append((name, f"{v['median_step_s'] * 1e3:.1f}", f"{v['tokens_per_s']:.0f}", f"{v['tflops']:.3g}",
-                         f"{v['mfu']:.1%}", memory, ""))
+            rows.append(
+                (
+                    name,
+                    f"{v['median_step_s'] * 1e3:.1f}",
+                    f"{v['tokens_per_s']:.0f}",
+                    f"{v['tflops']:.3g}",
+                    f"{v['mfu']:.1%}",
+                    memory,
+                    "",
+                )
+            )
         rows += [(name, "-", "-", "-", "-", "-", f"skipped: {why[:50]}") for name, why in run["skipped"].items()]
-        out.append(f"\nseq {seq}, batch {run['batch']}\n" + format_table(
-            ("variant", "median ms", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "note"), rows))
-    checks = [(f"{c['name']} @ {c['seq_len']}", "-" if c["measured"] is None else f"{c['measured']:.3f}",
-               "-" if c["flop_model"] is None else f"{c['flop_model']:.3f}",
-               "-" if c["target"] is None else f"{c['direction']} {c['target']}",
-               {True: "pass", False: "MISS", None: "n/a"}[c["met"]]) for c in results["targets"]]
+        out.append(
+            f"\nseq {seq}, batch {run['batch']}\n"
+            + format_table(("variant", "median ms", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "note"), rows)
+        )
+    checks = [
+        (
+            f"{c['name']} @ {c['seq_len']}",
+            "-" if c["measured"] is None else f"{c['measured']:.3f}",
+            "-" if c["flop_model"] is None else f"{c['flop_model']:.3f}",
+            "-" if c["target"] is None else f"{c['direction']} {c['target']}",
+            {True: "pass", False: "MISS", None: "n/a"}[c["met"]],
+        )
+        for c in results["targets"]
+    ]
     out.append("\n" + format_table(("target", "measured", "FLOP model", "target", "result"), checks))
     return "\n".join(out)
 

@@ -18,7 +18,12 @@ def git_commit() -> dict[str, str | bool | None]:
     def git(*command: str) -> str | None:
         try:
             done = subprocess.run(
-                ["git", *command], cwd=REPO, capture_output=True, text=True, check=True, timeout=30,
+                ["git", *command],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=30,
                 env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},  # read only: no index refresh
             )
         except (OSError, subprocess.SubprocessError):

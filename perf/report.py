@@ -44,8 +44,10 @@ def provenance(path: Path, data: dict) -> str:
     git = data.get("git") or {}
     commit = (git.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if git.get("dirty") else "")
     versions = ", ".join(f"{name} {data[name]}" for name in ("torch", "triton", "transformers") if data.get(name))
-    return (f"Source: `perf/results/{path.name}`; device {data.get('device', 'unknown')}; {versions}; "
-            f"commit {commit}; {data.get('date', 'undated')}.")
+    return (
+        f"Source: `perf/results/{path.name}`; device {data.get('device', 'unknown')}; {versions}; "
+        f"commit {commit}; {data.get('date', 'undated')}."
+    )
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -84,9 +86,15 @@ def train_section(files: list[tuple[Path, dict]], out: Path, missing: list[str])
     step_panels, token_panels, memory_panels = [], [], []
     for path, data in files:
         peak = data["matmul_peak"]
-        lines += ["", f"### {data['device']} ({data['precision']})", "", provenance(path, data), "",
-                  f"Matmul peak measured in the same run: {peak['tflops']:.3g} TFLOP/s ({peak['dtype']}, "
-                  f"{peak['size']}x{peak['size']}); MFU is against it."]
+        lines += [
+            "",
+            f"### {data['device']} ({data['precision']})",
+            "",
+            provenance(path, data),
+            "",
+            f"Matmul peak measured in the same run: {peak['tflops']:.3g} TFLOP/s ({peak['dtype']}, "
+            f"{peak['size']}x{peak['size']}); MFU is against it.",
+        ]
         steps, tokens, memory = {}, {}, {}
         for seq, run in data["runs"].items():
             group = f"seq {seq}"
@@ -96,26 +104,66 @@ def train_section(files: list[tuple[Path, dict]], out: Path, missing: list[str])
                     rows.append([name, "-", "-", "-", "-", "-", v.get("error", "")[:80]])
                     continue
                 memory_gib = None if v["peak_memory_bytes"] is None else v["peak_memory_bytes"] / 2**30
-                rows.append([name, number(v["median_step_s"] * 1e3, ".1f"), number(v["tokens_per_s"], ".0f"),
-                             number(v["tflops"]), number(v["mfu"], ".1%"), number(memory_gib), ""])
+                rows.append(
+                    [
+                        name,
+                        number(v["median_step_s"] * 1e3, ".1f"),
+                        number(v["tokens_per_s"], ".0f"),
+                        number(v["tflops"]),
+                        number(v["mfu"], ".1%"),
+                        number(memory_gib),
+                        "",
+                    ]
+                )
                 steps.setdefault(group, {})[name] = v["median_step_s"] * 1e3
                 tokens.setdefault(group, {})[name] = v["tokens_per_s"]
                 if memory_gib is not None:
                     memory.setdefault(group, {})[name] = memory_gib
             rows += [[name, "-", "-", "-", "-", "-", f"skipped: {why}"] for name, why in run["skipped"].items()]
-            lines += ["", f"Sequence length {seq}, batch {run['batch']}:", "",
-                      table(["variant", "median step (ms)", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "note"], rows)]
+            lines += [
+                "",
+                f"Sequence length {seq}, batch {run['batch']}:",
+                "",
+                table(["variant", "median step (ms)", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "note"], rows),
+            ]
             if "max_batch" in run:
-                lines += ["", f"Largest batch that fits, sequence length {seq}:", "", table(
-                    ["variant", "batch", "tokens/s", "MFU", "note"],
-                    [[name, str(v.get("largest_batch", "-")), number(v.get("tokens_per_s"), ".0f"),
-                      number(v.get("mfu"), ".1%"), v.get("error", v.get("note", ""))[:80]]
-                     for name, v in run["max_batch"].items()])]
-        lines += ["", "Targets (each model at its fastest compile mode; pass/miss only on a GPU):", "", table(
-            ["target", "seq", "measured", "FLOP model", "target", "result"],
-            [[c["name"], str(c["seq_len"]), number(c["measured"]), number(c["flop_model"]),
-              "-" if c["target"] is None else f"{c['direction']} {c['target']}",
-              {True: "pass", False: "**miss**", None: "n/a"}[c["met"]]] for c in data["targets"]])]
+                lines += [
+                    "",
+                    f"Largest batch that fits, sequence length {seq}:",
+                    "",
+                    table(
+                        ["variant", "batch", "tokens/s", "MFU", "note"],
+                        [
+                            [
+                                name,
+                                str(v.get("largest_batch", "-")),
+                                number(v.get("tokens_per_s"), ".0f"),
+                                number(v.get("mfu"), ".1%"),
+                                v.get("error", v.get("note", ""))[:80],
+                            ]
+                            for name, v in run["max_batch"].items()
+                        ],
+                    ),
+                ]
+        lines += [
+            "",
+            "Targets (each model at its fastest compile mode; pass/miss only on a GPU):",
+            "",
+            table(
+                ["target", "seq", "measured", "FLOP model", "target", "result"],
+                [
+                    [
+                        c["name"],
+                        str(c["seq_len"]),
+                        number(c["measured"]),
+                        number(c["flop_model"]),
+                        "-" if c["target"] is None else f"{c['direction']} {c['target']}",
+                        {True: "pass", False: "**miss**", None: "n/a"}[c["met"]],
+                    ]
+                    for c in data["targets"]
+                ],
+            ),
+        ]
         subtitle = f"{path.name}: {data['device']}\ncommit {(data['git'].get('commit') or '?')[:10]}"
         step_panels.append((subtitle, steps))
         token_panels.append((subtitle, tokens))
@@ -125,8 +173,10 @@ def train_section(files: list[tuple[Path, dict]], out: Path, missing: list[str])
         missing.append("Training step times, tokens/s and MFU (`perf/bench_train.py`): no results file.")
         return lines + ["", "No results yet."]
     if not any(data["device_type"] == "cuda" for _, data in files):
-        missing.append("GPU training figures (`python perf/bench_train.py` on CUDA): step time, tokens/s, "
-                       "MFU against the bf16 peak, peak memory, largest batch, and every target's pass/miss.")
+        missing.append(
+            "GPU training figures (`python perf/bench_train.py` on CUDA): step time, tokens/s, "
+            "MFU against the bf16 peak, peak memory, largest batch, and every target's pass/miss."
+        )
     bar_plot(out / "report_step_time.png", "Median training step time", "ms", step_panels)
     bar_plot(out / "report_tokens_per_s.png", "Training throughput", "tokens/s", token_panels)
     lines += ["", "![step time](report_step_time.png)", "", "![tokens/s](report_tokens_per_s.png)"]
@@ -143,20 +193,41 @@ def step_section(files: list[tuple[Path, dict]], out: Path, missing: list[str]) 
     lines = ["## Step benchmark, small model (perf/bench_step.py)"]
     for path, data in files:
         tokens = data["tokens_per_step"]
-        lines += ["", provenance(path, data), "", table(
-            ["variant", "median step (ms)", "tokens/s"],
-            [[name, number(s * 1e3, ".1f"), number(tokens / s, ".0f")] for name, s in data["median_step_s"].items()]),
-            "", table(["ratio", "measured", "FLOP model", "target", "met"],
-                      [[name, number(r["measured"]), number(r["flop_model"]), f"<= {r['target']}",
-                        "yes" if r["meets_target"] else "no"] for name, r in data["ratios"].items()])]
+        lines += [
+            "",
+            provenance(path, data),
+            "",
+            table(
+                ["variant", "median step (ms)", "tokens/s"],
+                [
+                    [name, number(s * 1e3, ".1f"), number(tokens / s, ".0f")]
+                    for name, s in data["median_step_s"].items()
+                ],
+            ),
+            "",
+            table(
+                ["ratio", "measured", "FLOP model", "target", "met"],
+                [
+                    [
+                        name,
+                        number(r["measured"]),
+                        number(r["flop_model"]),
+                        f"<= {r['target']}",
+                        "yes" if r["meets_target"] else "no",
+                    ]
+                    for name, r in data["ratios"].items()
+                ],
+            ),
+        ]
     if not files:
         missing.append("Small-model step ratios (`perf/bench_step.py --json perf/results/bench_step_cpu.json`).")
         lines += ["", "No results yet."]
     return lines
 
 
-def attention_section(files: list[tuple[Path, dict]], out: Path, missing: list[str],
-                      peaks: dict[str, float]) -> list[str]:
+def attention_section(
+    files: list[tuple[Path, dict]], out: Path, missing: list[str], peaks: dict[str, float]
+) -> list[str]:
     lines = ["## Attention kernels (perf/bench_attention.py)"]
     panels = []
     for path, data in files:
@@ -164,12 +235,23 @@ def attention_section(files: list[tuple[Path, dict]], out: Path, missing: list[s
         for case in data["cases"]:
             label = f"D{case['head_dim']} S{case['seq_len']} q{case['fraction']} {case['keys']}"
             for name, entry in case["results"].items():
-                rows.append([label, name, number(entry.get("fwd_tflops")), number(entry.get("fwd_bwd_tflops")),
-                             entry.get("unavailable", "")[:60]])
+                rows.append(
+                    [
+                        label,
+                        name,
+                        number(entry.get("fwd_tflops")),
+                        number(entry.get("fwd_bwd_tflops")),
+                        entry.get("unavailable", "")[:60],
+                    ]
+                )
                 if "fwd_bwd_tflops" in entry:
                     bars.setdefault(label, {})[name] = entry["fwd_bwd_tflops"]
-        lines += ["", provenance(path, data), "",
-                  table(["case", "implementation", "fwd TFLOP/s", "fwd+bwd TFLOP/s", "note"], rows)]
+        lines += [
+            "",
+            provenance(path, data),
+            "",
+            table(["case", "implementation", "fwd TFLOP/s", "fwd+bwd TFLOP/s", "note"], rows),
+        ]
         panels.append((path.name, data["device"], bars))
     if not files:
         missing.append("Attention kernel TFLOP/s (`perf/bench_attention.py` on CUDA).")
@@ -199,15 +281,31 @@ def inference_section(files: list[tuple[Path, dict]], out: Path, missing: list[s
     lines = ["## Inference (perf/bench_inference.py)"]
     for path, data in files:
         model = data.get("model", {})
-        lines += ["", provenance(path, data), "",
-                  f"Model: {model.get('size', '?')} ({model.get('weights', '?')} weights)."]
+        lines += [
+            "",
+            provenance(path, data),
+            "",
+            f"Model: {model.get('size', '?')} ({model.get('weights', '?')} weights).",
+        ]
         for section in ("encoder", "classifier"):
-            rows = [[shape, name, number(entry["median_ms"], ".1f"), number(entry["sequences_per_s"]),
-                     number(entry["latency_vs_eager"])]
-                    for shape, impls in data.get(section, {}).items() for name, entry in impls.items()]
+            rows = [
+                [
+                    shape,
+                    name,
+                    number(entry["median_ms"], ".1f"),
+                    number(entry["sequences_per_s"]),
+                    number(entry["latency_vs_eager"]),
+                ]
+                for shape, impls in data.get(section, {}).items()
+                for name, entry in impls.items()
+            ]
             if rows:
-                lines += ["", f"{section}:", "",
-                          table(["batch x seq", "implementation", "median ms", "sequences/s", "vs eager"], rows)]
+                lines += [
+                    "",
+                    f"{section}:",
+                    "",
+                    table(["batch x seq", "implementation", "median ms", "sequences/s", "vs eager"], rows),
+                ]
         lines += [f"- skipped {name}: {why}" for name, why in data.get("skipped", {}).items()]
     if not files:
         missing.append("Inference latency (`perf/bench_inference.py`).")
@@ -218,11 +316,20 @@ def inference_section(files: list[tuple[Path, dict]], out: Path, missing: list[s
 def scaling_section(files: list[tuple[Path, dict]], out: Path, missing: list[str]) -> list[str]:
     lines = ["## Data-parallel scaling (perf/bench_scaling.py)"]
     for path, data in files:
-        lines += ["", provenance(path, data), "", table(
-            ["configuration", "processes", "best median tokens/s"],
-            [[name, str(data["processes"][name]), number(rate, ".0f")]
-             for name, rate in data["best_median_tokens_per_s"].items()]),
-            "", f"Scaling efficiency, 2 processes vs 1: {number(data.get('scaling_efficiency_2proc'))}."]
+        lines += [
+            "",
+            provenance(path, data),
+            "",
+            table(
+                ["configuration", "processes", "best median tokens/s"],
+                [
+                    [name, str(data["processes"][name]), number(rate, ".0f")]
+                    for name, rate in data["best_median_tokens_per_s"].items()
+                ],
+            ),
+            "",
+            f"Scaling efficiency, 2 processes vs 1: {number(data.get('scaling_efficiency_2proc'))}.",
+        ]
     if not any(data.get("gpu") for _, data in files):
         missing.append("Multi-GPU scaling (`perf/bench_scaling.py` with GPUs).")
     if not files:
@@ -238,8 +345,11 @@ def main(argv: list[str] | None = None) -> Path:
     found = load(args.results)
     for stale in args.out.glob("report_*.png"):  # a plot whose results are gone must not linger
         stale.unlink()
-    peaks = {data["device"]: data["matmul_peak"]["tflops"] for _, data in found["bench_train"]
-             if data.get("device_type") == "cuda"}
+    peaks = {
+        data["device"]: data["matmul_peak"]["tflops"]
+        for _, data in found["bench_train"]
+        if data.get("device_type") == "cuda"
+    }
     missing: list[str] = []
     sections: list[Callable[[], list[str]]] = [
         lambda: train_section(found["bench_train"], args.out, missing),
@@ -249,10 +359,17 @@ def main(argv: list[str] | None = None) -> Path:
         lambda: scaling_section(found["bench_scaling"], args.out, missing),
     ]
     body = [line for section in sections for line in ["", *section()]]
-    lines = ["# tokdrop performance report", "",
-             "Generated by `perf/report.py` from the JSON the benchmarks wrote under `perf/results/`; "
-             "CPU figures come from a shared, loaded machine and are smoke checks, not performance claims.",
-             *body, "", "## Not measured yet", "", *[f"- {item}" for item in missing or ["Nothing."]]]
+    lines = [
+        "# tokdrop performance report",
+        "",
+        "Generated by `perf/report.py` from the JSON the benchmarks wrote under `perf/results/`; "
+        "CPU figures come from a shared, loaded machine and are smoke checks, not performance claims.",
+        *body,
+        "",
+        "## Not measured yet",
+        "",
+        *[f"- {item}" for item in missing or ["Nothing."]],
+    ]
     report = args.out / "REPORT.md"
     report.write_text("\n".join(lines) + "\n")
     print(f"wrote {report}")

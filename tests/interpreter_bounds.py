@@ -33,8 +33,10 @@ def _check(kind: str, pointers, mask, itemsize: int) -> None:
     for start, end in _Launches.ranges:
         inside |= (addresses >= start) & (addresses + itemsize <= end)
     if not inside.all():
-        raise AssertionError(f"out-of-bounds {kind}: {int((~inside).sum())} of {addresses.size} addresses lie "
-                             "outside every tensor argument of the launch")
+        raise AssertionError(
+            f"out-of-bounds {kind}: {int((~inside).sum())} of {addresses.size} addresses lie "
+            "outside every tensor argument of the launch"
+        )
 
 
 @contextlib.contextmanager

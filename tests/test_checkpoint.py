@@ -24,8 +24,14 @@ transformers = pytest.importorskip("transformers", reason="HF parity needs the t
 
 ATOL = 1e-5
 TINY = dict(
-    vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
-    max_position_embeddings=24, type_vocab_size=2, pad_token_id=0,
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=24,
+    type_vocab_size=2,
+    pad_token_id=0,
 )
 CLASSES = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification")
 
@@ -108,8 +114,7 @@ def mlm_labels(ids, mask, seed=2):
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
-@pytest.mark.parametrize("act", [{}, {"hidden_act": "gelu_new", "layer_norm_eps": 1e-3}],
-                         ids=["gelu", "gelu_new"])
+@pytest.mark.parametrize("act", [{}, {"hidden_act": "gelu_new", "layer_norm_eps": 1e-3}], ids=["gelu", "gelu_new"])
 def test_hf_bert_model_loads(tmp_path, padded, act):
     hf = hf_model("BertModel", **act)
     hf.save_pretrained(tmp_path)
@@ -384,10 +389,12 @@ def test_all_minilm_l6_v2_matches_transformers():
         out = td(ids, attention_mask=mask, token_type_ids=types)
     assert_hidden_equal(ref.last_hidden_state, out.last_hidden_state, mask, padded=True)
     assert_close(ref.pooler_output, out.pooler_output)
+
     # The sentence embedding of sentence-transformers: mean over real tokens, normalised.
     def embed(hidden):
         pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         return torch.nn.functional.normalize(pooled, dim=-1)
+
     assert_close(embed(ref.last_hidden_state), embed(out.last_hidden_state))
 
 
@@ -395,10 +402,18 @@ def test_all_minilm_l6_v2_matches_transformers():
 
 
 def test_round_trip_keeps_token_drop_config_and_importance(tmp_path):
-    drop = tokdrop.TokenDropConfig(keep=0.3, start_layer=1, end_layer=3, importance="mlm_loss",
-                                   beta=0.9, init_value=5.0, allow_ids=(1, 2))
-    model = td_model("BertForMaskedLM", num_hidden_layers=4, token_drop=drop, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, max_predictions_per_seq=8, attn_backend="eager")
+    drop = tokdrop.TokenDropConfig(
+        keep=0.3, start_layer=1, end_layer=3, importance="mlm_loss", beta=0.9, init_value=5.0, allow_ids=(1, 2)
+    )
+    model = td_model(
+        "BertForMaskedLM",
+        num_hidden_layers=4,
+        token_drop=drop,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_predictions_per_seq=8,
+        attn_backend="eager",
+    )
     model.train()
     ids, mask, types = batch(padded=True)
     model(ids, attention_mask=mask, token_type_ids=types, labels=mlm_labels(ids, mask))  # updates the table
@@ -458,8 +473,7 @@ def test_config_overrides_in_from_pretrained(tmp_path):
     assert model.config.token_drop == drop and model.config.hidden_dropout_prob == 0.0
     table = model.bert.token_importance.table
     assert table[0] == float("-inf") and torch.all(table[1:] == 3.0)
-    assert torch.equal(model.bert.encoder.layer[3].output.dense.weight,
-                       dense.bert.encoder.layer[3].output.dense.weight)
+    assert torch.equal(model.bert.encoder.layer[3].output.dense.weight, dense.bert.encoder.layer[3].output.dense.weight)
     assert model.bert.encoder.keep == 0.25
 
     narrow = load_quietly(tokdrop.BertForMaskedLM, tmp_path, narrow=tokdrop.NarrowConfig(full_layers=3))
@@ -524,11 +538,14 @@ def test_unsupported_bert_variants(good_dir):
         tokdrop.BertModel.from_pretrained(good_dir)
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("{not json", "not valid JSON"),
-    ("", "not valid JSON"),
-    ("[1, 2]", "must hold a JSON object, got list"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("{not json", "not valid JSON"),
+        ("", "not valid JSON"),
+        ("[1, 2]", "must hold a JSON object, got list"),
+    ],
+)
 def test_invalid_json(good_dir, text, problem):
     (good_dir / "config.json").write_text(text)
     with pytest.raises(ValueError, match=rf"config\.json.*{problem}"):
@@ -541,14 +558,17 @@ def test_binary_config(good_dir):
         tokdrop.BertModel.from_pretrained(good_dir)
 
 
-@pytest.mark.parametrize("changes, named", [
-    ({"hidden_size": "32"}, r"hidden_size must be an int, got '32'"),
-    ({"pad_token_id": None}, r"pad_token_id must be an int, got None"),
-    ({"pad_token_id": 99}, r"pad_token_id=99 is outside vocab_size=99"),
-    ({"token_drop": {"kep": 0.5}}, r"kep"),
-    ({"hidden_act": "quick_gelu"}, r"'quick_gelu'"),
-    ({"attn_backend": "cuda-magic"}, r"'cuda-magic'"),
-])
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"hidden_size": "32"}, r"hidden_size must be an int, got '32'"),
+        ({"pad_token_id": None}, r"pad_token_id must be an int, got None"),
+        ({"pad_token_id": 99}, r"pad_token_id=99 is outside vocab_size=99"),
+        ({"token_drop": {"kep": 0.5}}, r"kep"),
+        ({"hidden_act": "quick_gelu"}, r"'quick_gelu'"),
+        ({"attn_backend": "cuda-magic"}, r"'cuda-magic'"),
+    ],
+)
 def test_invalid_config_values(good_dir, changes, named):
     edit_config(good_dir, **changes)
     with pytest.raises(ValueError, match=rf"config\.json.*{named}"):
@@ -591,8 +611,11 @@ def test_bad_pytorch_model_bin(good_dir, content):
         torch.save(torch.nn.Linear(2, 2), path)
     else:
         torch.save(list(state.values()), path)
-    named = (r"pytorch_model\.bin must hold a state_dict" if content == "list"
-             else r"cannot read weights from .*pytorch_model\.bin")
+    named = (
+        r"pytorch_model\.bin must hold a state_dict"
+        if content == "list"
+        else r"cannot read weights from .*pytorch_model\.bin"
+    )
     with pytest.raises(ValueError, match=named):
         tokdrop.BertModel.from_pretrained(good_dir)
 
@@ -609,8 +632,9 @@ def test_missing_encoder_weights(good_dir):
 
 def test_missing_all_weights_of_the_class(good_dir):
     """A classifier checkpoint saved without "bert." prefixes and without an encoder."""
-    save_file({"classifier.weight": torch.zeros(2, 32), "classifier.bias": torch.zeros(2)},
-              good_dir / "model.safetensors")
+    save_file(
+        {"classifier.weight": torch.zeros(2, 32), "classifier.bias": torch.zeros(2)}, good_dir / "model.safetensors"
+    )
     with pytest.raises(ValueError, match=r"lacks \d+ weights of BertForSequenceClassification"):
         tokdrop.BertForSequenceClassification.from_pretrained(good_dir)
 

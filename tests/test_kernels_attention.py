@@ -91,8 +91,16 @@ def reference(q, k, v, q_lens, k_lens, dout, *, scale, dropout_p=0.0, mask=None,
         queries = qd
         if q_index is not None:
             queries = qd.gather(1, q_index[part].long()[:, :, None, None].expand(-1, -1, *q.shape[2:]))
-        out = attention_reference(queries, kd, vd, q_lens[part], k_lens[part], scale=scale, dropout_p=dropout_p,
-                                  dropout_mask=None if mask is None else mask[part])
+        out = attention_reference(
+            queries,
+            kd,
+            vd,
+            q_lens[part],
+            k_lens[part],
+            scale=scale,
+            dropout_p=dropout_p,
+            dropout_mask=None if mask is None else mask[part],
+        )
         out.backward(dout[part].double())
         scores = torch.einsum("bqhd,bkhd->bhqk", queries.detach(), kd.detach()) * scale
         keys = lens_mask(k_lens[part], k.shape[1])[:, None, None, :]
@@ -141,10 +149,24 @@ def check_padded(c, gather, device="cpu"):
     q, k, v, q_lens, k_lens, seed, dout, q_index = make_inputs(c, device, q_rows)
     scale = 0.7 / c["head_dim"] ** 0.5
     mask = ta.dropout_keep_mask(seed, c["batch"], c["heads"], c["lq"], c["lk"], c["dropout_p"])
-    got = run_kernel(ta.triton_attention, q, k, v, q_lens, k_lens, dout=dout, scale=scale,
-                     dropout_p=c["dropout_p"], q_index=q_index, seed=seed)
-    assert_all_near(got, reference(q, k, v, q_lens, k_lens, dout, scale=scale, dropout_p=c["dropout_p"],
-                                   mask=mask, q_index=q_index), c["dtype"])
+    got = run_kernel(
+        ta.triton_attention,
+        q,
+        k,
+        v,
+        q_lens,
+        k_lens,
+        dout=dout,
+        scale=scale,
+        dropout_p=c["dropout_p"],
+        q_index=q_index,
+        seed=seed,
+    )
+    assert_all_near(
+        got,
+        reference(q, k, v, q_lens, k_lens, dout, scale=scale, dropout_p=c["dropout_p"], mask=mask, q_index=q_index),
+        c["dtype"],
+    )
     out, lse, dq, dk, dv = got
     q_valid, k_valid = lens_mask(q_lens, c["lq"]), lens_mask(k_lens, c["lk"])
     q_used = q_valid  # rows of q with a gradient: with a gather, the indexed rows of valid slots
@@ -160,13 +182,33 @@ def check_packed(c, extra_q=0, extra_k=0, device="cpu"):
     q, k, v, q_lens, k_lens, seed, dout, _ = make_inputs(c, device)
     q_valid, k_valid = lens_mask(q_lens, c["lq"]), lens_mask(k_lens, c["lk"])
     max_q, max_k = int(q_lens.max()) + extra_q, int(k_lens.max()) + extra_k
-    got = run_kernel(ta.triton_attention_varlen, q[q_valid], k[k_valid], v[k_valid], cumulative(q_lens),
-                     cumulative(k_lens), max_q, max_k, dout=dout[q_valid], dropout_p=c["dropout_p"], seed=seed)
+    got = run_kernel(
+        ta.triton_attention_varlen,
+        q[q_valid],
+        k[k_valid],
+        v[k_valid],
+        cumulative(q_lens),
+        cumulative(k_lens),
+        max_q,
+        max_k,
+        dout=dout[q_valid],
+        dropout_p=c["dropout_p"],
+        seed=seed,
+    )
     # The packed mask counts query slots and key positions from each sequence's start, like the padded one.
     mask = ta.dropout_keep_mask(seed, c["batch"], c["heads"], max_q, max_k, c["dropout_p"])
     mask = torch.nn.functional.pad(mask, (0, max(c["lk"] - max_k, 0), 0, max(c["lq"] - max_q, 0)))
-    out, lse, dq, dk, dv = reference(q, k, v, q_lens, k_lens, dout, scale=c["head_dim"] ** -0.5,
-                                     dropout_p=c["dropout_p"], mask=mask[:, :, : c["lq"], : c["lk"]])
+    out, lse, dq, dk, dv = reference(
+        q,
+        k,
+        v,
+        q_lens,
+        k_lens,
+        dout,
+        scale=c["head_dim"] ** -0.5,
+        dropout_p=c["dropout_p"],
+        mask=mask[:, :, : c["lq"], : c["lk"]],
+    )
     want = (out[q_valid], lse.transpose(1, 2)[q_valid].T, dq[q_valid], dk[k_valid], dv[k_valid])
     assert_all_near(got, want, c["dtype"])
 
@@ -175,9 +217,14 @@ def check_packed(c, extra_q=0, extra_k=0, device="cpu"):
 def cases(draw):
     lq, lk = draw(st.integers(1, 40)), draw(st.integers(1, 40))
     return dict(
-        batch=draw(st.integers(1, 3)), lq=lq, lk=draw(st.sampled_from([lk, lq])), heads=draw(st.integers(1, 2)),
-        head_dim=draw(st.sampled_from([32, 64])), dtype=draw(st.sampled_from(DTYPES)),
-        dropout_p=draw(st.sampled_from([0.0, 0.0, 0.25])), seed=draw(st.integers(0, 2**16)),
+        batch=draw(st.integers(1, 3)),
+        lq=lq,
+        lk=draw(st.sampled_from([lk, lq])),
+        heads=draw(st.integers(1, 2)),
+        head_dim=draw(st.sampled_from([32, 64])),
+        dtype=draw(st.sampled_from(DTYPES)),
+        dropout_p=draw(st.sampled_from([0.0, 0.0, 0.25])),
+        seed=draw(st.integers(0, 2**16)),
     )
 
 
@@ -364,10 +411,21 @@ def op_args(layout, dropout_p=0.0, batch=2, length=20, heads=2, head_dim=32, dev
         args = (q, k, v, cumulative(q_lens), cumulative(k_lens), None, seed, 0.2, dropout_p, length, length, True)
     else:
         index = torch.stack([torch.randperm(rows, generator=gen)[:length] for _ in range(batch)])
-        args = (q, k, v, q_lens, k_lens, index if layout == "gathered" else None, seed, 0.2, dropout_p,
-                length, length, False)
-    return tuple(a.to(device).requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
-                 for a in args)
+        args = (
+            q,
+            k,
+            v,
+            q_lens,
+            k_lens,
+            index if layout == "gathered" else None,
+            seed,
+            0.2,
+            dropout_p,
+            length,
+            length,
+            False,
+        )
+    return tuple(a.to(device).requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 # opcheck's schema test runs the op under a dispatch mode, inside which the Triton interpreter
@@ -382,8 +440,9 @@ def opcheck_both(args):
     torch.library.opcheck(ta.attention_fwd_op, args, test_utils=utils)
     out, lse = ta.attention_fwd_op(*args)
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    torch.library.opcheck(ta.attention_bwd_op, (torch.randn_like(out), *plain[:3], out.detach(), lse, *plain[3:]),
-                          test_utils=utils)
+    torch.library.opcheck(
+        ta.attention_bwd_op, (torch.randn_like(out), *plain[:3], out.detach(), lse, *plain[3:]), test_utils=utils
+    )
 
 
 @pytest.mark.parametrize("layout, dropout_p", [("padded", 0.0), ("gathered", 0.0), ("packed", 0.0), ("padded", 0.2)])
@@ -428,23 +487,30 @@ def test_triton_backend_falls_back_for_head_dims_the_kernels_lack():
     q, k, v, q_lens, k_lens = small_inputs(head_dim=48)
     with pytest.raises(ValueError, match="head_dim 48"):
         ta.triton_attention(q, k, v, q_lens, k_lens)
-    torch.testing.assert_close(dispatch.attention(q, k, v, q_lens, k_lens, backend="triton"),
-                               dispatch.attention(q, k, v, q_lens, k_lens, backend="sdpa"))
+    torch.testing.assert_close(
+        dispatch.attention(q, k, v, q_lens, k_lens, backend="triton"),
+        dispatch.attention(q, k, v, q_lens, k_lens, backend="sdpa"),
+    )
 
 
 def test_packing_adapter_with_the_packed_kernel():
     """via_packed (the varlen backend's layout change) around our own packed kernel, on CPU."""
     q, k, v, q_lens, k_lens = (t.requires_grad_(t.is_floating_point()) for t in small_inputs())
     run = via_packed(lambda *args: ta.triton_attention_varlen(*args)[0])
-    assert_same_with_grads(run(q, k, v, q_lens, k_lens, scale=0.3),
-                           attention_reference(q, k, v, q_lens, k_lens, scale=0.3), (q, k, v))
+    assert_same_with_grads(
+        run(q, k, v, q_lens, k_lens, scale=0.3), attention_reference(q, k, v, q_lens, k_lens, scale=0.3), (q, k, v)
+    )
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # CPU runs it eagerly
 def test_flex_forward_on_cpu():
     q, k, v, q_lens, k_lens = small_inputs()  # FlexAttention has no backward pass on CPU
-    torch.testing.assert_close(dispatch.attention(q, k, v, q_lens, k_lens, backend="flex"),
-                               attention_reference(q, k, v, q_lens, k_lens), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        dispatch.attention(q, k, v, q_lens, k_lens, backend="flex"),
+        attention_reference(q, k, v, q_lens, k_lens),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match="dropout"):
         dispatch.attention(q, k, v, q_lens, k_lens, dropout_p=0.1, backend="flex")
 
@@ -473,15 +539,20 @@ def test_missing_xformers_is_named():
 def test_benchmark_smoke_run(tmp_path):
     """perf/bench_attention.py's code path on tiny shapes; without CUDA it refuses a real run."""
     bench = [sys.executable, str(RESULTS.parent / "bench_attention.py")]
-    done = subprocess.run([*bench, "--device", "cpu", "--smoke", "--out", str(tmp_path / "b.json")],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [*bench, "--device", "cpu", "--smoke", "--out", str(tmp_path / "b.json")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "b.json").read_text())
     assert {"device", "torch", "triton", "git", "date", "cases", "targets", "query_gather"} <= result.keys()
     assert result["query_gather"]["cases"] >= 1
     assert {"triton", "triton_gather", "gather_then_triton", "sdpa"} <= result["cases"][-1]["results"].keys()
-    assert all(r["max_abs_diff_vs_sdpa"] < 0.05 for case in result["cases"] for r in case["results"].values()
-               if "fwd_ms" in r)
+    assert all(
+        r["max_abs_diff_vs_sdpa"] < 0.05 for case in result["cases"] for r in case["results"].values() if "fwd_ms" in r
+    )
     if not torch.cuda.is_available():
         assert subprocess.run(bench, capture_output=True, timeout=600).returncode == 2
 
@@ -489,6 +560,7 @@ def test_benchmark_smoke_run(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # GPU: the same checks at real sizes, inductor, CUDA-only backends; a JSON summary in perf/results/
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def gpu_summary(request):
@@ -498,10 +570,12 @@ def gpu_summary(request):
     if summary:
         name = request.module.__name__.rsplit(".", 1)[-1]
         payload = {
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "passed": sum(check["passed"] for check in summary.values()), "failed": sum(
-                not check["passed"] for check in summary.values()),
+            "passed": sum(check["passed"] for check in summary.values()),
+            "failed": sum(not check["passed"] for check in summary.values()),
             "checks": summary,
         }
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -524,8 +598,16 @@ def recorded(summary, check):
 @pytest.mark.parametrize("lq, lk", [(128, 128), (512, 512), (256, 512), (154, 1024), (1024, 1024)])
 def test_gpu_real_sizes(gpu_summary, layout, dtype, lq, lk):
     """B=32, NH=12, D=64; bfloat16 (the training dtype) with attention dropout 0.1."""
-    c = dict(batch=32, lq=lq, lk=lk, heads=12, head_dim=64, dtype=dtype,
-             dropout_p=0.1 if dtype == torch.bfloat16 else 0.0, seed=lq + lk)
+    c = dict(
+        batch=32,
+        lq=lq,
+        lk=lk,
+        heads=12,
+        head_dim=64,
+        dtype=dtype,
+        dropout_p=0.1 if dtype == torch.bfloat16 else 0.0,
+        seed=lq + lk,
+    )
     with recorded(gpu_summary, f"real_sizes/{layout}/{dtype}/Lq={lq}/Lk={lk}"):
         if layout == "packed":
             check_packed(c, device="cuda")
@@ -566,7 +648,6 @@ def test_gpu_backends_match_reference(gpu_summary, backend):
     with recorded(gpu_summary, f"backend/{backend}"):
         c = dict(batch=8, lq=77, lk=256, heads=12, head_dim=64, dtype=torch.bfloat16, seed=0)
         q, k, v, q_lens, k_lens, _, dout, _ = make_inputs(c, "cuda")
-        got = run_kernel(lambda *a: (dispatch.attention(*a, backend=backend), None), q, k, v, q_lens, k_lens,
-                         dout=dout)
+        got = run_kernel(lambda *a: (dispatch.attention(*a, backend=backend), None), q, k, v, q_lens, k_lens, dout=dout)
         want = reference(q, k, v, q_lens, k_lens, dout, scale=64**-0.5)
         assert_all_near(got[:1] + want[1:2] + got[2:], want, torch.bfloat16)  # backends return no lse

@@ -43,8 +43,13 @@ def assert_identical(fn, reference, inputs, grad_out):
 
 
 cases = st.tuples(
-    st.integers(1, 3), st.integers(1, 40), st.integers(1, 40), st.sampled_from([1, 7, 64, 100]),
-    st.sampled_from(DTYPES), st.sampled_from([torch.int32, torch.int64]), st.integers(0, 2**16),
+    st.integers(1, 3),
+    st.integers(1, 40),
+    st.integers(1, 40),
+    st.sampled_from([1, 7, 64, 100]),
+    st.sampled_from(DTYPES),
+    st.sampled_from([torch.int32, torch.int64]),
+    st.integers(0, 2**16),
 )
 
 
@@ -67,8 +72,9 @@ def test_strided_views():
     idx, kept_lens = idx.T.contiguous().T, kept_lens.repeat_interleave(2)[::2]
     assert not idx.is_contiguous() and not kept_lens.is_contiguous() and not saved.is_contiguous()
     assert_identical(rows.drop_tokens_op, rows.drop_tokens_reference, [saved, idx], torch.randn(2, 5, 16))
-    assert_identical(rows.restore_tokens_op, rows.restore_tokens_reference, [saved, kept, idx, kept_lens],
-                     torch.randn(2, 12, 16))
+    assert_identical(
+        rows.restore_tokens_op, rows.restore_tokens_reference, [saved, kept, idx, kept_lens], torch.randn(2, 12, 16)
+    )
 
 
 def test_restore_semantics_by_hand():
@@ -96,8 +102,9 @@ def test_opcheck():
         torch.library.opcheck(rows.restore_tokens_backward_op, (saved.detach(), idx, kept_lens))
     """)
     env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
-    result = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -111,15 +118,17 @@ def test_compiles_fullgraph_on_cpu():
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(torch.autograd.grad(compiled(saved, kept), saved),
-                               torch.autograd.grad(f(saved, kept), saved))
+    torch.testing.assert_close(
+        torch.autograd.grad(compiled(saved, kept), saved), torch.autograd.grad(f(saved, kept), saved)
+    )
 
 
 def test_public_functions_use_the_reference_on_cpu_and_check_inputs():
     saved, kept, idx, kept_lens = make_case(2, 12, 5, 8, torch.float32, torch.int64, 0)
     assert torch.equal(rows.drop_tokens(saved, idx), rows.drop_tokens_reference(saved, idx))
-    assert torch.equal(rows.restore_tokens(saved, kept, idx, kept_lens),
-                       rows.restore_tokens_reference(saved, kept, idx, kept_lens))
+    assert torch.equal(
+        rows.restore_tokens(saved, kept, idx, kept_lens), rows.restore_tokens_reference(saved, kept, idx, kept_lens)
+    )
     with pytest.raises(ValueError, match=r"x must be \[B, S, H\]"):
         rows.drop_tokens(saved[0], idx)
     with pytest.raises(TypeError, match="idx must be int32 or int64, got torch.float32"):
@@ -178,6 +187,7 @@ def test_gpu_compile_inductor(gpu_summary):  # noqa: F811
 
         torch._dynamo.reset()
         compiled = torch.compile(f, fullgraph=True)
-        torch.testing.assert_close(torch.autograd.grad(compiled(saved, kept), saved),
-                                   torch.autograd.grad(f(saved, kept), saved))
+        torch.testing.assert_close(
+            torch.autograd.grad(compiled(saved, kept), saved), torch.autograd.grad(f(saved, kept), saved)
+        )
         torch.library.opcheck(rows.restore_tokens_op, (saved, kept, idx, kept_lens))

@@ -60,8 +60,9 @@ def test_selection_invariants(case):
 
 @given(st.integers(1, 4), st.integers(1, 20), st.data())
 def test_pack_positions_layout(batch, seq_len, data):
-    mask = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=seq_len, max_size=seq_len),
-                                           min_size=batch, max_size=batch)))
+    mask = torch.tensor(
+        data.draw(st.lists(st.lists(st.booleans(), min_size=seq_len, max_size=seq_len), min_size=batch, max_size=batch))
+    )
     size = data.draw(st.integers(max(1, int(mask.sum(1).max())), seq_len))
     index, counts = pack_positions(mask, size)
     for row in range(batch):
@@ -127,8 +128,9 @@ def test_token_drop_encoder_with_identity_layers_returns_its_input():
 @pytest.mark.parametrize(("num_layers", "start", "end"), [(12, None, None), (4, None, None), (6, 1, 4), (3, 0, 3)])
 def test_token_drop_schedule(num_layers, start, end):
     log = []
-    encoder = TokenDropEncoder([Recorder(log, i) for i in range(num_layers)], keep=0.5,
-                               start_layer=start, end_layer=end)
+    encoder = TokenDropEncoder(
+        [Recorder(log, i) for i in range(num_layers)], keep=0.5, start_layer=start, end_layer=end
+    )
     x = torch.zeros(2, 8, 1)
     scores = torch.arange(16.0).view(2, 8)
     out = encoder(x, torch.tensor([8, 6]), scores)
@@ -155,9 +157,17 @@ def reference_importance(table, labels, losses, beta, allow, pad):
     return table
 
 
-@given(st.lists(st.tuples(st.sampled_from([-100, 0, 1, 2, 3, 5, 5, 9]),
-                          st.floats(0, 20) | st.sampled_from([float("nan"), float("inf")])),
-                min_size=1, max_size=40), st.integers(1, 3))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([-100, 0, 1, 2, 3, 5, 5, 9]),
+            st.floats(0, 20) | st.sampled_from([float("nan"), float("inf")]),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    st.integers(1, 3),
+)
 def test_importance_update_matches_slow_reference(pairs, steps):
     importance = TokenImportance(10, beta=0.9, init_value=10.0, allow_ids=[1, 2], pad_id=0)
     labels = torch.tensor([p[0] for p in pairs])
@@ -199,8 +209,7 @@ def test_kept_counts_rounding():
 
 
 def test_encoders_reject_lengths_and_indices_outside_their_tensors():
-    config = BertConfig(vocab_size=10, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32)
+    config = BertConfig(vocab_size=10, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
     x = torch.randn(2, 6, 16)
     token_drop = TokenDropEncoder([BertLayer(config) for _ in range(4)])
     with pytest.raises(ValueError, match="sequence 1 has q_lens=7"):

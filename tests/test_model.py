@@ -10,8 +10,14 @@ import tokdrop
 from tokdrop.layers import select_tokens
 
 BASE = tokdrop.BertConfig(
-    vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48,
-    max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=40,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
     attn_backend="eager",
 )
 
@@ -59,8 +65,7 @@ def test_narrow_with_one_narrow_layer_and_every_query_equals_dense():
     dense = make(tokdrop.BertModel).eval()
     narrow = share_weights(make(tokdrop.BertModel, narrow=tokdrop.NarrowConfig(full_layers=3)), dense).eval()
     real = mask.bool()
-    torch.testing.assert_close(narrow(ids, mask, types)[0][real], dense(ids, mask, types)[0][real],
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(narrow(ids, mask, types)[0][real], dense(ids, mask, types)[0][real], rtol=0, atol=1e-12)
 
 
 def test_narrow_mlm_at_predicted_positions_equals_dense_there():
@@ -132,8 +137,11 @@ def test_token_dropping_equals_slow_reference(keep, start, end):
 
 @pytest.mark.parametrize("mode", ["dense", "token_drop", "narrow"])
 def test_padding_never_leaks_into_real_positions(mode):
-    changes = {"token_drop": {"token_drop": tokdrop.TokenDropConfig(keep=0.5)},
-               "narrow": {"narrow": tokdrop.NarrowConfig(full_layers=2)}, "dense": {}}[mode]
+    changes = {
+        "token_drop": {"token_drop": tokdrop.TokenDropConfig(keep=0.5)},
+        "narrow": {"narrow": tokdrop.NarrowConfig(full_layers=2)},
+        "dense": {},
+    }[mode]
     model = make(tokdrop.BertForMaskedLM, **changes).train()
     ids, mask, types, labels = batch()
     noisy = torch.where(mask.bool(), ids, torch.randint_like(ids, 1, BASE.vocab_size))
@@ -146,8 +154,11 @@ def test_padding_never_leaks_into_real_positions(mode):
 
 @pytest.mark.parametrize("mode", ["dense", "token_drop", "narrow"])
 def test_gradients_reach_exactly_the_trainable_parameters(mode):
-    changes = {"token_drop": {"token_drop": tokdrop.TokenDropConfig(keep=0.5)},
-               "narrow": {"narrow": tokdrop.NarrowConfig(full_layers=2)}, "dense": {}}[mode]
+    changes = {
+        "token_drop": {"token_drop": tokdrop.TokenDropConfig(keep=0.5)},
+        "narrow": {"narrow": tokdrop.NarrowConfig(full_layers=2)},
+        "dense": {},
+    }[mode]
     model = make(tokdrop.BertForMaskedLM, **changes).train()
     ids, mask, types, labels = batch()
     model(ids, mask, types, labels).loss.backward()
@@ -157,7 +168,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(mode):
         assert not buffer.requires_grad, name
     # Positions past the sequence length take no part, so their embeddings get no gradient.
     embedding_grad = model.bert.embeddings.position_embeddings.weight.grad
-    assert embedding_grad[ids.shape[1]:].abs().sum() == 0
+    assert embedding_grad[ids.shape[1] :].abs().sum() == 0
 
 
 def test_mlm_importance_updates_in_training_only():
@@ -188,8 +199,9 @@ def test_sequence_classification_fine_tunes_without_dropping():
     model = make(tokdrop.BertForSequenceClassification, token_drop=tokdrop.TokenDropConfig(keep=0.5))
     dense = share_weights(make(tokdrop.BertForSequenceClassification), model)
     ids, mask, types, _ = batch()
-    torch.testing.assert_close(model.train()(ids, mask, types).logits, dense.train()(ids, mask, types).logits,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        model.train()(ids, mask, types).logits, dense.train()(ids, mask, types).logits, rtol=0, atol=0
+    )
 
 
 def test_fixed_prediction_slots_match_counted_slots():

@@ -23,16 +23,37 @@ def test_bench_train_json_and_report(perf_modules, tmp_path):
     bench_train, report = perf_modules
     results_dir = tmp_path / "results"
     out = results_dir / "bench_train_cpu.json"
-    bench_train.main(["--preset", "tiny", "--device", "cpu", "--seq-len", "16", "--batch", "2", "--warmup", "0",
-                      "--reps", "1", "--compile", "none", "--peak-size", "64", "--json", str(out)])
+    bench_train.main(
+        [
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--seq-len",
+            "16",
+            "--batch",
+            "2",
+            "--warmup",
+            "0",
+            "--reps",
+            "1",
+            "--compile",
+            "none",
+            "--peak-size",
+            "64",
+            "--json",
+            str(out),
+        ]
+    )
     results = json.loads(out.read_text())
 
     for key in ("device", "device_type", "torch", "triton", "transformers", "git", "date", "matmul_peak", "targets"):
         assert key in results
     assert results["matmul_peak"]["dtype"] == "float32" and results["matmul_peak"]["tflops"] > 0
     run = results["runs"]["16"]
-    assert set(run["variants"]) == {f"{m}[none]" for m in ("dense", "token_drop", "narrow", "random_ltd",
-                                                            "transformers")}
+    assert set(run["variants"]) == {
+        f"{m}[none]" for m in ("dense", "token_drop", "narrow", "random_ltd", "transformers")
+    }
     assert "varlen[none]" in run["skipped"]  # varlen_attn needs CUDA
     for variant in run["variants"].values():
         assert len(variant["step_s"]) == 1 and variant["median_step_s"] > 0

@@ -61,8 +61,10 @@ def shards(tmp_path_factory) -> Path:
     """A shard directory of a small synthetic corpus with a 400-token WordPiece vocabulary."""
     root = tmp_path_factory.mktemp("pretrain")
     corpus = _write_corpus(root / "corpus")
-    assert pretrain.main(["--data", str(corpus), "--vocab-size", "400", "--out", str(root / "prep"),
-                          "--prepare-only"]) == 0
+    assert (
+        pretrain.main(["--data", str(corpus), "--vocab-size", "400", "--out", str(root / "prep"), "--prepare-only"])
+        == 0
+    )
     return root / "prep" / "shards"
 
 
@@ -96,12 +98,15 @@ def _checkpoints(out: Path) -> list[str]:
 
 def test_config_file_then_flags_and_presets(tmp_path):
     config = tmp_path / "run.toml"
-    config.write_text('preset = "small"\n[model]\nmode = "narrow"\nhidden = 256\nheads = 4\n'
-                      '[data]\ndata = "corpus"\nseq-len = 64\n[train]\nlr = 1\nsteps = 50\nwarmup_steps = 5\n')
+    config.write_text(
+        'preset = "small"\n[model]\nmode = "narrow"\nhidden = 256\nheads = 4\n'
+        '[data]\ndata = "corpus"\nseq-len = 64\n[train]\nlr = 1\nsteps = 50\nwarmup_steps = 5\n'
+    )
     parser = argparse.ArgumentParser()
     pretrain.add_arguments(parser)
     settings = pretrain.settings_from_arguments(
-        parser.parse_args(["--config", str(config), "--hidden", "128", "--heads", "2"]))
+        parser.parse_args(["--config", str(config), "--hidden", "128", "--heads", "2"])
+    )
     assert (settings.layers, settings.hidden, settings.heads, settings.intermediate) == (4, 128, 2, 2048)
     assert settings.mode == "narrow" and settings.seq_len == 64 and settings.lr == 1.0
     assert settings.data == [str(tmp_path / "corpus")]  # relative to the config file
@@ -147,8 +152,15 @@ def test_fp16_is_refused_on_cpu(shards, tmp_path):
 
 
 def test_random_ltd_kept_length_grows_in_few_steps_to_the_full_length():
-    settings = Settings(mode="random_ltd", seq_len=128, ltd_start=0.25, ltd_granularity=16, steps=1000,
-                        warmup_steps=10, ltd_ramp_steps=500)
+    settings = Settings(
+        mode="random_ltd",
+        seq_len=128,
+        ltd_start=0.25,
+        ltd_granularity=16,
+        steps=1000,
+        warmup_steps=10,
+        ltd_ramp_steps=500,
+    )
     lengths = [kept_length(settings, step) for step in range(1000)]
     assert lengths[0] == 32 and lengths[499] < 128 and set(lengths[500:]) == {128}
     assert lengths == sorted(lengths)
@@ -175,11 +187,19 @@ def test_shards_skip_bad_files_and_hold_the_packed_token_stream(tmp_path, shards
     tokenizer = ShardSet(shards).tokenizer()
     files = text_files([corpus])
     with pytest.warns(UserWarning, match="skipping data file") as caught:
-        built = build_shards(files, tmp_path / "shards", tokenizer=tokenizer, vocab_size=400,
-                             sources=sources_of(files, None, 400), shard_tokens=1000)
+        built = build_shards(
+            files,
+            tmp_path / "shards",
+            tokenizer=tokenizer,
+            vocab_size=400,
+            sources=sources_of(files, None, 400),
+            shard_tokens=1000,
+        )
     assert len(caught) == 2 and len(files) == 3
     assert sorted((Path(s["path"]).name, s["reason"].split(" (")[0]) for s in built.skipped) == [
-        ("empty.txt", "empty"), ("latin1.txt", "not UTF-8")]
+        ("empty.txt", "empty"),
+        ("latin1.txt", "not UTF-8"),
+    ]
     assert built.dtype.name == "uint16" and len(built.counts) > 1 and max(built.counts) == 1000
     assert isinstance(built.tokens(0), np.memmap)
 
@@ -284,14 +304,28 @@ def _weights(out: Path) -> dict[str, bytes]:
 def test_resume_after_sigkill_is_bitwise(shards, tmp_path):
     """A run killed with SIGKILL mid-way and resumed gives the same losses and weights, bit for
     bit, as a run that was never interrupted."""
-    argv = ["--data", str(shards), *TINY, "--steps", "40", "--save-every", "3", "--dropout", "0.1",
-            "--full-every", "5", "--num-workers", "1"]
+    argv = [
+        "--data",
+        str(shards),
+        *TINY,
+        "--steps",
+        "40",
+        "--save-every",
+        "3",
+        "--dropout",
+        "0.1",
+        "--full-every",
+        "5",
+        "--num-workers",
+        "1",
+    ]
     command = [sys.executable, "-m", "tokdrop.pretrain", *argv]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run([*command, "--out", str(whole)], env=ENV, check=True, capture_output=True)
 
-    process = subprocess.Popen([*command, "--out", str(killed)], env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*command, "--out", str(killed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     while not (killed / "checkpoints" / "step-00000006").exists() and process.poll() is None:
         assert time.monotonic() < deadline
@@ -318,8 +352,11 @@ def test_corrupt_checkpoint_is_named_and_earlier_ones_stay(shards, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=rf"checkpoint file {re.escape(str(shard))} is corrupt.*--resume "
-                                         rf"{re.escape(str(earlier))}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"checkpoint file {re.escape(str(shard))} is corrupt.*--resume "
+        rf"{re.escape(str(earlier))}",
+    ):
         _pretrain("--data", str(shards), "--out", str(out), *TINY, "--resume")
     shard.write_bytes(bytes(data[:100]))
     with pytest.raises(ValueError, match=rf"checkpoint file {re.escape(str(shard))} is truncated"):
@@ -411,8 +448,17 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(shards, tmp_path, m
 
 
 def _torchrun(*argv: str) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "tokdrop.pretrain", *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "tokdrop.pretrain",
+        *argv,
+    ]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 

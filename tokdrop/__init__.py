@@ -11,6 +11,11 @@ from tokdrop.model import BertForMaskedLM, BertForSequenceClassification, BertMo
 __version__ = "0.1.0"
 
 __all__ = [
-    "BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "NarrowConfig",
-    "TokenDropConfig", "layers",
+    "BertConfig",
+    "BertForMaskedLM",
+    "BertForSequenceClassification",
+    "BertModel",
+    "NarrowConfig",
+    "TokenDropConfig",
+    "layers",
 ]

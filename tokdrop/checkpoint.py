@@ -53,7 +53,7 @@ def _model_key(key: str, prefix: str) -> str:
     elif key.endswith(".beta"):
         key = key[: -len("beta")] + "bias"
     if key.startswith("bert."):
-        key = key[len("bert."):]
+        key = key[len("bert.") :]
     elif not key.startswith(_BASE_KEYS):
         return key
     return prefix + key
@@ -72,10 +72,8 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a corrupt file raises anything from SafetensorError to IndexError
         raise ValueError(f"cannot read weights from {path}: {err}") from err
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
-                                              for k, v in state.items()):
-        raise ValueError(f"{path} must hold a state_dict (a dict of name -> tensor), "
-                         f"got {type(state).__name__}")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"{path} must hold a state_dict (a dict of name -> tensor), got {type(state).__name__}")
     return state
 
 
@@ -108,13 +106,11 @@ class PretrainedMixin:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
-                 if k not in _TIED_KEYS}
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k not in _TIED_KEYS}
         config = self.config.to_dict() | {"architectures": [type(self).__name__], "tie_word_embeddings": True}
         # Serialised before anything is written, so a config that cannot be saved changes nothing.
         config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        write_atomically(directory / SAFETENSORS_NAME,
-                         lambda temp: save_file(state, temp, metadata={"format": "pt"}))
+        write_atomically(directory / SAFETENSORS_NAME, lambda temp: save_file(state, temp, metadata={"format": "pt"}))
         write_atomically(directory / CONFIG_NAME, lambda temp: Path(temp).write_text(config_text))
 
     @classmethod
@@ -136,28 +132,44 @@ class PretrainedMixin:
                 loaded[name] = value
             elif name == _TIED_KEYS[0]:
                 decoder = value
-            elif not (name.startswith(_OTHER_HEADS) or name in _TIED_KEYS or name.endswith("position_ids")
-                      or "token_importance." in name or name.startswith(cls.checkpoint_prefix + "pooler.")):
+            elif not (
+                name.startswith(_OTHER_HEADS)
+                or name in _TIED_KEYS
+                or name.endswith("position_ids")
+                or "token_importance." in name
+                or name.startswith(cls.checkpoint_prefix + "pooler.")
+            ):
                 unexpected.append(key)
         embeddings = loaded.get(cls.checkpoint_prefix + "embeddings.word_embeddings.weight")
-        if (decoder is not None and embeddings is not None and _TIED_KEYS[0] in model.state_dict()
-                and not torch.equal(decoder, embeddings)):
-            raise ValueError(f"{directory}: {_TIED_KEYS[0]} differs from the word embeddings; "
-                             f"tokdrop ties them, so an untied MLM decoder cannot be loaded")
+        if (
+            decoder is not None
+            and embeddings is not None
+            and _TIED_KEYS[0] in model.state_dict()
+            and not torch.equal(decoder, embeddings)
+        ):
+            raise ValueError(
+                f"{directory}: {_TIED_KEYS[0]} differs from the word embeddings; "
+                f"tokdrop ties them, so an untied MLM decoder cannot be loaded"
+            )
         for name, value in loaded.items():
             if value.shape != expected[name].shape:
-                raise ValueError(f"{directory}: {name} has shape {tuple(value.shape)}, "
-                                 f"the config needs {tuple(expected[name].shape)}")
+                raise ValueError(
+                    f"{directory}: {name} has shape {tuple(value.shape)}, "
+                    f"the config needs {tuple(expected[name].shape)}"
+                )
         missing = [k for k in expected if k not in loaded and "token_importance." not in k]
         required = [k for k in missing if not k.startswith(cls.optional_keys)]
         if required:
-            raise ValueError(f"{directory} lacks {len(required)} weights of {cls.__name__}, "
-                             f"e.g. {required[:3]}")
+            raise ValueError(f"{directory} lacks {len(required)} weights of {cls.__name__}, e.g. {required[:3]}")
         if missing:
-            warnings.warn(f"{cls.__name__}: {len(missing)} weights not in {directory} are freshly "
-                          f"initialised: {missing[:4]}", stacklevel=2)
+            warnings.warn(
+                f"{cls.__name__}: {len(missing)} weights not in {directory} are freshly initialised: {missing[:4]}",
+                stacklevel=2,
+            )
         if unexpected:
-            warnings.warn(f"{cls.__name__}: ignored {len(unexpected)} unknown weights in {directory}: "
-                          f"{unexpected[:4]}", stacklevel=2)
+            warnings.warn(
+                f"{cls.__name__}: ignored {len(unexpected)} unknown weights in {directory}: {unexpected[:4]}",
+                stacklevel=2,
+            )
         model.load_state_dict(loaded, strict=False)
         return model

@@ -75,6 +75,7 @@ class TokenDropConfig:
         for token_id in self.allow_ids:
             _check_int("allow_ids entry", token_id, 0)
 
+
 @dataclass
 class NarrowConfig:
     """NarrowBERT (Li et al. 2023): `full_layers` ordinary layers, then narrow layers whose queries
@@ -115,19 +116,27 @@ class BertConfig:
             self.token_drop = TokenDropConfig(**self.token_drop)
         if isinstance(self.narrow, dict):
             self.narrow = NarrowConfig(**self.narrow)
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+            "num_labels",
+        ):
             _check_int(name, getattr(self, name), 1)
         _check_int("pad_token_id", self.pad_token_id, 0)
         if self.pad_token_id >= self.vocab_size:
             raise ValueError(f"pad_token_id={self.pad_token_id} is outside vocab_size={self.vocab_size}")
         if self.attn_backend is not None and self.attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend={self.attn_backend!r} is not an attention backend; "
-                             f"expected None or one of {BACKENDS}")
+            raise ValueError(
+                f"attn_backend={self.attn_backend!r} is not an attention backend; expected None or one of {BACKENDS}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size={self.hidden_size} is not a multiple of "
-                f"num_attention_heads={self.num_attention_heads}"
+                f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}"
             )
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
@@ -143,8 +152,7 @@ class BertConfig:
             drop_schedule(self.num_hidden_layers, self.token_drop.start_layer, self.token_drop.end_layer)
             if isinstance(self.token_drop.keep, int) and self.token_drop.keep > self.max_position_embeddings:
                 raise ValueError(
-                    f"keep={self.token_drop.keep} tokens exceeds "
-                    f"max_position_embeddings={self.max_position_embeddings}"
+                    f"keep={self.token_drop.keep} tokens exceeds max_position_embeddings={self.max_position_embeddings}"
                 )
             for token_id in self.token_drop.allow_ids:
                 if token_id >= self.vocab_size:

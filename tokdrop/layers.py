@@ -121,8 +121,14 @@ class TokenImportance(nn.Module):
     """
 
     def __init__(
-        self, vocab_size: int, *, mode: str = "mlm_loss", beta: float = 0.995, init_value: float = 10.0,
-        allow_ids: Sequence[int] = (), pad_id: int | None = 0,
+        self,
+        vocab_size: int,
+        *,
+        mode: str = "mlm_loss",
+        beta: float = 0.995,
+        init_value: float = 10.0,
+        allow_ids: Sequence[int] = (),
+        pad_id: int | None = 0,
     ) -> None:
         super().__init__()
         if mode not in ("mlm_loss", "random"):
@@ -231,9 +237,14 @@ class BertLayer(nn.Module):
         proj = self.attention.self
         heads = (self.num_heads, -1)
         context = attention(
-            proj.query(x).unflatten(-1, heads), proj.key(kv).unflatten(-1, heads),
-            proj.value(kv).unflatten(-1, heads), x_lens, kv_lens,
-            dropout_p=self.attn_dropout if self.training else 0.0, backend=self.attn_backend, validate=False,
+            proj.query(x).unflatten(-1, heads),
+            proj.key(kv).unflatten(-1, heads),
+            proj.value(kv).unflatten(-1, heads),
+            x_lens,
+            kv_lens,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            backend=self.attn_backend,
+            validate=False,
         )
         x = self.attention.output(context.flatten(2), x)
         return self.output(self.intermediate(x), x)
@@ -249,8 +260,13 @@ class TokenDropEncoder(nn.Module):
     tokens keep that stale state; layers [end, L) run full.
     """
 
-    def __init__(self, layers: Sequence[nn.Module], keep: float | int = 0.5,
-                 start_layer: int | None = None, end_layer: int | None = None) -> None:
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        keep: float | int = 0.5,
+        start_layer: int | None = None,
+        end_layer: int | None = None,
+    ) -> None:
         super().__init__()
         check_keep(keep)
         self.layer = nn.ModuleList(layers)
@@ -290,8 +306,9 @@ class NarrowEncoder(nn.Module):
             raise ValueError(f"full_layers must be in [0, {len(self.layer)}), got {full_layers}")
         self.full_layers = full_layers
 
-    def forward(self, hidden: Tensor, lengths: Tensor, query_index: Tensor | None = None,
-                query_lens: Tensor | None = None) -> Tensor:
+    def forward(
+        self, hidden: Tensor, lengths: Tensor, query_index: Tensor | None = None, query_lens: Tensor | None = None
+    ) -> Tensor:
         if (query_index is None) != (query_lens is None):
             raise ValueError("query_index and query_lens must be given together")
         seq_len = hidden.shape[1]
@@ -311,6 +328,14 @@ class NarrowEncoder(nn.Module):
 
 
 __all__ = [
-    "BertLayer", "NarrowEncoder", "TokenDropEncoder", "TokenImportance", "drop_tokens",
-    "kept_counts", "max_kept", "pack_positions", "restore_tokens", "select_tokens",
+    "BertLayer",
+    "NarrowEncoder",
+    "TokenDropEncoder",
+    "TokenImportance",
+    "drop_tokens",
+    "kept_counts",
+    "max_kept",
+    "pack_positions",
+    "restore_tokens",
+    "select_tokens",
 ]

@@ -42,12 +42,14 @@ class SequenceClassifierOutput(NamedTuple):
     logits: Tensor  # [B, num_labels]
 
 
-def check_inputs(config: BertConfig, input_ids: Tensor, attention_mask: Tensor | None,
-                 token_type_ids: Tensor | None) -> None:
+def check_inputs(
+    config: BertConfig, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None
+) -> None:
     """Raise a ValueError/TypeError naming whatever is wrong with a batch (eagerly only)."""
     if not isinstance(input_ids, Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be an integer tensor, got {type(input_ids).__name__} "
-                        f"{getattr(input_ids, 'dtype', '')}")
+        raise TypeError(
+            f"input_ids must be an integer tensor, got {type(input_ids).__name__} {getattr(input_ids, 'dtype', '')}"
+        )
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, seq_len] tensor, got shape {tuple(input_ids.shape)}")
     seq_len = input_ids.shape[1]
@@ -62,10 +64,13 @@ def check_inputs(config: BertConfig, input_ids: Tensor, attention_mask: Tensor |
     for name, extra in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
         if extra is not None and tuple(extra.shape) != tuple(input_ids.shape):
             raise ValueError(f"{name} has shape {tuple(extra.shape)} but input_ids has {tuple(input_ids.shape)}")
-    if token_type_ids is not None and (int(token_type_ids.min()) < 0
-                                       or int(token_type_ids.max()) >= config.type_vocab_size):
-        raise ValueError(f"token_type_ids must be in [0, {config.type_vocab_size}), got values "
-                         f"{int(token_type_ids.min())}..{int(token_type_ids.max())}")
+    if token_type_ids is not None and (
+        int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= config.type_vocab_size
+    ):
+        raise ValueError(
+            f"token_type_ids must be in [0, {config.type_vocab_size}), got values "
+            f"{int(token_type_ids.min())}..{int(token_type_ids.max())}"
+        )
     if attention_mask is not None:
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must hold only 0 and 1")
@@ -74,8 +79,10 @@ def check_inputs(config: BertConfig, input_ids: Tensor, attention_mask: Tensor |
             raise ValueError(f"row {int(empty[0, 0])} of attention_mask has no real tokens")
         left_padded = (attention_mask[:, 1:] > attention_mask[:, :-1]).any(dim=1).nonzero()
         if len(left_padded):
-            raise ValueError(f"row {int(left_padded[0, 0])} of attention_mask is not right-padded: "
-                             "each row must be all ones, then all zeros")
+            raise ValueError(
+                f"row {int(left_padded[0, 0])} of attention_mask is not right-padded: "
+                "each row must be all ones, then all zeros"
+            )
 
 
 def check_labels(labels: object, shape: tuple[int, ...], low: int, high: int) -> None:
@@ -153,27 +160,51 @@ class BertModel(PretrainedMixin, nn.Module):
             self.encoder = TokenDropEncoder(layers, drop.keep, drop.start_layer, drop.end_layer)
         else:
             self.encoder = TokenDropEncoder(layers)
-        self.token_importance = None if drop is None else TokenImportance(
-            config.vocab_size, mode=drop.importance, beta=drop.beta, init_value=drop.init_value,
-            allow_ids=drop.allow_ids, pad_id=config.pad_token_id,
+        self.token_importance = (
+            None
+            if drop is None
+            else TokenImportance(
+                config.vocab_size,
+                mode=drop.importance,
+                beta=drop.beta,
+                init_value=drop.init_value,
+                allow_ids=drop.allow_ids,
+                pad_id=config.pad_token_id,
+            )
         )
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.apply(lambda module: init_bert_weights(module, config.initializer_range))
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-        *, query_index: Tensor | None = None, query_lens: Tensor | None = None,
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        *,
+        query_index: Tensor | None = None,
+        query_lens: Tensor | None = None,
         token_scores: Tensor | None = None,
     ) -> BertOutput:
         """query_index [B, M] / query_lens [B] (index layout of tokdrop.layers): return only these
         positions. token_scores [B, S]: importance that overrides the model's own for dropping."""
         check_inputs(self.config, input_ids, attention_mask, token_type_ids)
-        return self.encode(input_ids, attention_mask, token_type_ids, query_index=query_index,
-                           query_lens=query_lens, token_scores=token_scores)
+        return self.encode(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            query_index=query_index,
+            query_lens=query_lens,
+            token_scores=token_scores,
+        )
 
     def encode(
-        self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None,
-        *, query_index: Tensor | None = None, query_lens: Tensor | None = None,
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        token_type_ids: Tensor | None,
+        *,
+        query_index: Tensor | None = None,
+        query_lens: Tensor | None = None,
         token_scores: Tensor | None = None,
     ) -> BertOutput:
         """forward() without the input checks, for the heads that ran them already."""
@@ -189,8 +220,9 @@ class BertModel(PretrainedMixin, nn.Module):
             scores = None
             if self.training and self.token_importance is not None:
                 if token_scores is not None and token_scores.shape != input_ids.shape:
-                    raise ValueError(f"token_scores has shape {tuple(token_scores.shape)} but input_ids has "
-                                     f"{tuple(input_ids.shape)}")
+                    raise ValueError(
+                        f"token_scores has shape {tuple(token_scores.shape)} but input_ids has {tuple(input_ids.shape)}"
+                    )
                 scores = self.token_importance.scores(input_ids) if token_scores is None else token_scores
             hidden = self.encoder(hidden, lengths, scores)
             if query_index is not None:
@@ -245,8 +277,13 @@ class BertForMaskedLM(PretrainedMixin, nn.Module):
         return pack_positions(predicted, min(slots, seq_len))
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-        labels: Tensor | None = None, *, token_scores: Tensor | None = None,
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        token_scores: Tensor | None = None,
     ) -> MaskedLMOutput:
         check_inputs(self.config, input_ids, attention_mask, token_type_ids)
         if labels is None:
@@ -256,8 +293,14 @@ class BertForMaskedLM(PretrainedMixin, nn.Module):
             return MaskedLMOutput(None, self.cls.predictions(hidden), positions, counts)
         check_labels(labels, tuple(input_ids.shape), 0, self.config.vocab_size)
         positions, counts = self._prediction_slots(labels)
-        hidden = self.bert.encode(input_ids, attention_mask, token_type_ids, query_index=positions,
-                                  query_lens=counts, token_scores=token_scores)[0]
+        hidden = self.bert.encode(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            query_index=positions,
+            query_lens=counts,
+            token_scores=token_scores,
+        )[0]
         logits = self.cls.predictions(hidden)
         slot_valid = torch.arange(positions.shape[1], device=positions.device) < counts[:, None]
         targets = torch.where(slot_valid, labels.gather(1, positions), IGNORE_INDEX)
@@ -288,7 +331,10 @@ class BertForSequenceClassification(PretrainedMixin, nn.Module):
         init_bert_weights(self.classifier, config.initializer_range)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
         labels: Tensor | None = None,
     ) -> SequenceClassifierOutput:
         check_inputs(self.config, input_ids, attention_mask, token_type_ids)
@@ -296,15 +342,18 @@ class BertForSequenceClassification(PretrainedMixin, nn.Module):
         if self.config.narrow is not None:
             query_index = torch.zeros_like(input_ids[:, :1])
             query_lens = torch.ones_like(input_ids[:, 0])
-        pooled = self.bert.encode(input_ids, attention_mask, token_type_ids,
-                                  query_index=query_index, query_lens=query_lens).pooler_output
+        pooled = self.bert.encode(
+            input_ids, attention_mask, token_type_ids, query_index=query_index, query_lens=query_lens
+        ).pooler_output
         logits = self.classifier(self.dropout(pooled))
         if labels is None:
             return SequenceClassifierOutput(None, logits)
         if self.config.num_labels == 1:
             if not isinstance(labels, Tensor) or tuple(labels.shape) != (input_ids.shape[0],):
-                raise ValueError(f"regression labels must be a tensor of shape ({input_ids.shape[0]},), "
-                                 f"got {tuple(getattr(labels, 'shape', ()))} ({type(labels).__name__})")
+                raise ValueError(
+                    f"regression labels must be a tensor of shape ({input_ids.shape[0]},), "
+                    f"got {tuple(getattr(labels, 'shape', ()))} ({type(labels).__name__})"
+                )
             loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
         else:
             check_labels(labels, (input_ids.shape[0],), 0, self.config.num_labels)
@@ -313,6 +362,12 @@ class BertForSequenceClassification(PretrainedMixin, nn.Module):
 
 
 __all__ = [
-    "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "BertOutput", "MaskedLMOutput",
-    "SequenceClassifierOutput", "check_inputs", "check_labels",
+    "BertForMaskedLM",
+    "BertForSequenceClassification",
+    "BertModel",
+    "BertOutput",
+    "MaskedLMOutput",
+    "SequenceClassifierOutput",
+    "check_inputs",
+    "check_labels",
 ]

@@ -91,8 +91,9 @@ PRESETS = {
 MODES = ("dense", "token_drop", "narrow", "random_ltd")
 
 
-def _setting(default: Any, help: str, kind: str, *, choices: Sequence[str] | None = None,
-             minimum: float | None = None) -> Any:
+def _setting(
+    default: Any, help: str, kind: str, *, choices: Sequence[str] | None = None, minimum: float | None = None
+) -> Any:
     return field(default=default, metadata={"help": help, "kind": kind, "choices": choices, "minimum": minimum})
 
 
@@ -109,38 +110,42 @@ class Settings:
     dropout: float = _setting(0.1, "hidden and attention dropout", "float", minimum=0)
     max_position_embeddings: int = _setting(512, "position embeddings (>= --seq-len)", "int", minimum=1)
     mode: str = _setting("token_drop", "training mode", "str", choices=MODES)
-    keep: float | int = _setting(0.5, "token_drop: kept fraction (float) or count (int) of the middle "
-                                      "layers", "number")
+    keep: float | int = _setting(0.5, "token_drop: kept fraction (float) or count (int) of the middle layers", "number")
     full_layers: int = _setting(2, "narrow: full layers before the narrow ones", "int", minimum=0)
     ltd_start: float | int = _setting(0.25, "random_ltd: kept fraction or count at step 0", "number")
-    ltd_ramp_steps: int | None = _setting(None, "random_ltd: steps until every token is kept "
-                                                "(default: half of --steps)", "int", minimum=1)
-    ltd_granularity: int = _setting(16, "random_ltd: the kept count grows in steps of this many tokens",
-                                    "int", minimum=1)
-    full_every: int = _setting(0, "token_drop/random_ltd: every N-th step keeps every token (ScTD-style "
-                                  "consistency); 0 = never", "int", minimum=0)
+    ltd_ramp_steps: int | None = _setting(
+        None, "random_ltd: steps until every token is kept (default: half of --steps)", "int", minimum=1
+    )
+    ltd_granularity: int = _setting(
+        16, "random_ltd: the kept count grows in steps of this many tokens", "int", minimum=1
+    )
+    full_every: int = _setting(
+        0,
+        "token_drop/random_ltd: every N-th step keeps every token (ScTD-style consistency); 0 = never",
+        "int",
+        minimum=0,
+    )
     # data
-    data: list[str] | None = _setting(None, "text files, directories of them, or one shard directory",
-                                      "paths")
+    data: list[str] | None = _setting(None, "text files, directories of them, or one shard directory", "paths")
     shard_dir: str | None = _setting(None, "where text data is tokenised to (default: OUT/shards)", "path")
-    tokenizer: str | None = _setting(None, "tokenizer.json or vocab.txt (default: train a WordPiece one "
-                                           "on the data)", "path")
+    tokenizer: str | None = _setting(
+        None, "tokenizer.json or vocab.txt (default: train a WordPiece one on the data)", "path"
+    )
     vocab_size: int = _setting(30522, "vocabulary of a trained tokenizer", "int", minimum=6)
     seq_len: int = _setting(128, "tokens per sequence", "int", minimum=3)
     mlm_probability: float = _setting(0.15, "fraction of tokens predicted", "float", minimum=0)
     num_workers: int = _setting(2, "DataLoader worker processes per rank", "int", minimum=0)
     # optimisation
-    steps: int = _setting(1_000_000, "training steps (one skipped for a non-finite loss counts)", "int",
-                          minimum=1)
+    steps: int = _setting(1_000_000, "training steps (one skipped for a non-finite loss counts)", "int", minimum=1)
     batch_size: int = _setting(32, "sequences per micro-batch and rank", "int", minimum=1)
     grad_accum: int = _setting(1, "micro-batches per step", "int", minimum=1)
     lr: float = _setting(1e-4, "peak AdamW learning rate", "float", minimum=0)
     warmup_steps: int = _setting(10_000, "linear warm-up steps, then linear decay to 0", "int", minimum=0)
-    weight_decay: float = _setting(0.01, "AdamW weight decay (not on biases and LayerNorm)", "float",
-                                   minimum=0)
+    weight_decay: float = _setting(0.01, "AdamW weight decay (not on biases and LayerNorm)", "float", minimum=0)
     max_grad_norm: float = _setting(1.0, "gradient clipping norm; 0 = off", "float", minimum=0)
-    precision: str = _setting("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on CPU", "str",
-                              choices=("auto", "fp32", "bf16", "fp16"))
+    precision: str = _setting(
+        "auto", "autocast dtype; auto = bf16 on CUDA, fp32 on CPU", "str", choices=("auto", "fp32", "bf16", "fp16")
+    )
     compile: bool = _setting(False, "torch.compile the model", "bool")
     parallel: str = _setting("ddp", "data parallelism under torchrun", "str", choices=("ddp", "fsdp2"))
     seed: int = _setting(0, "seed of weights, data order, masking and dropout", "int")
@@ -165,11 +170,11 @@ class Settings:
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be less than steps={self.steps}")
         if self.seq_len > self.max_position_embeddings:
-            raise ValueError(f"seq_len={self.seq_len} exceeds max_position_embeddings="
-                             f"{self.max_position_embeddings}")
+            raise ValueError(f"seq_len={self.seq_len} exceeds max_position_embeddings={self.max_position_embeddings}")
         if self.full_every and self.mode not in ("token_drop", "random_ltd"):
-            raise ValueError(f"full_every={self.full_every} needs mode token_drop or random_ltd, "
-                             f"got mode={self.mode!r}")
+            raise ValueError(
+                f"full_every={self.full_every} needs mode token_drop or random_ltd, got mode={self.mode!r}"
+            )
         if self.mode == "token_drop":
             max_kept(self.seq_len, self.keep)  # raises, naming `keep`, unless a fraction or count <= seq_len
         if self.mode == "random_ltd":
@@ -185,10 +190,21 @@ class Settings:
 SETTINGS = {spec.name: spec for spec in dataclasses.fields(Settings)}
 _GROUP_STARTS = {"preset": "model", "data": "data", "steps": "optimisation", "out": "run"}
 # Settings that a resumed run may change; the others must match the checkpoint's.
-RESUMABLE_CHANGES = frozenset({
-    "data", "shard_dir", "tokenizer", "num_workers", "compile", "out", "save_every", "keep_last",
-    "log_every", "max_bad_steps", "tensorboard",
-})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "data",
+        "shard_dir",
+        "tokenizer",
+        "num_workers",
+        "compile",
+        "out",
+        "save_every",
+        "keep_last",
+        "log_every",
+        "max_bad_steps",
+        "tensorboard",
+    }
+)
 
 
 # --------------------------------------------------------------------------------------- settings
@@ -201,13 +217,21 @@ def _check_kind(name: str, kind: str, value: Any) -> Any:
         value = [value]
     valid = {
         "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": number, "number": number, "str": isinstance(value, str), "path": isinstance(value, str),
+        "float": number,
+        "number": number,
+        "str": isinstance(value, str),
+        "path": isinstance(value, str),
         "bool": isinstance(value, bool),
         "paths": isinstance(value, list) and all(isinstance(v, str) for v in value),
     }[kind]
     if not valid:
-        expected = {"paths": "a path or a list of paths", "number": "a number", "int": "an integer",
-                    "float": "a number", "bool": "true or false"}.get(kind, "a string")
+        expected = {
+            "paths": "a path or a list of paths",
+            "number": "a number",
+            "int": "an integer",
+            "float": "a number",
+            "bool": "true or false",
+        }.get(kind, "a string")
         raise ValueError(f"setting {name!r} must be {expected}, got {value!r}")
     return float(value) if kind == "float" else value
 
@@ -262,11 +286,18 @@ def _number(text: str) -> int | float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML (or YAML) file of settings; flags override it")
-    parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                        help="continue from CHECKPOINT, or from the newest one in OUT/checkpoints "
-                             "(starting afresh if there is none)")
-    parser.add_argument("--prepare-only", action="store_true",
-                        help="tokenise the data into shards and stop (run it before a large torchrun job)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CHECKPOINT",
+        help="continue from CHECKPOINT, or from the newest one in OUT/checkpoints (starting afresh if there is none)",
+    )
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="tokenise the data into shards and stop (run it before a large torchrun job)",
+    )
     types = {"int": int, "float": float, "number": _number, "str": str, "path": str, "paths": str}
     group = parser
     for spec in dataclasses.fields(Settings):
@@ -294,8 +325,10 @@ def settings_from_arguments(args: argparse.Namespace) -> Settings:
 def add_command(subcommands: argparse._SubParsersAction) -> None:
     """Add the `pretrain` subcommand to the `tokdrop` command."""
     parser = subcommands.add_parser(
-        "pretrain", help="pretrain a BERT encoder (dense, token dropping, NarrowBERT, random-LTD)",
-        description=__doc__, formatter_class=HelpFormatter,
+        "pretrain",
+        help="pretrain a BERT encoder (dense, token dropping, NarrowBERT, random-LTD)",
+        description=__doc__,
+        formatter_class=HelpFormatter,
     )
     add_arguments(parser)
     parser.set_defaults(run=run)
@@ -348,8 +381,10 @@ def _prepare_data(settings: Settings) -> ShardSet:
             tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
             build_shards(files, directory, tokenizer=tokenizer, vocab_size=settings.vocab_size, sources=sources)
         elif ShardSet(directory).sources != sources:
-            raise ValueError(f"shard directory {directory} was made from other files or another tokenizer; "
-                             f"remove it or choose another --shard-dir")
+            raise ValueError(
+                f"shard directory {directory} was made from other files or another tokenizer; "
+                f"remove it or choose another --shard-dir"
+            )
 
     on_rank_zero(tokenise)
     return ShardSet(directory)
@@ -358,10 +393,15 @@ def _prepare_data(settings: Settings) -> ShardSet:
 def model_config(settings: Settings, vocab_size: int, specials: Any, predictions: int) -> BertConfig:
     """The BertConfig of a run: its size, and its mode with the paper's defaults."""
     base = BertConfig(
-        vocab_size=vocab_size, hidden_size=settings.hidden, num_hidden_layers=settings.layers,
-        num_attention_heads=settings.heads, intermediate_size=settings.intermediate,
-        max_position_embeddings=settings.max_position_embeddings, pad_token_id=specials.pad,
-        hidden_dropout_prob=settings.dropout, attention_probs_dropout_prob=settings.dropout,
+        vocab_size=vocab_size,
+        hidden_size=settings.hidden,
+        num_hidden_layers=settings.layers,
+        num_attention_heads=settings.heads,
+        intermediate_size=settings.intermediate,
+        max_position_embeddings=settings.max_position_embeddings,
+        pad_token_id=specials.pad,
+        hidden_dropout_prob=settings.dropout,
+        attention_probs_dropout_prob=settings.dropout,
         max_predictions_per_seq=predictions,
     )
     allow_ids = (specials.cls, specials.sep, specials.mask, specials.unk)
@@ -425,8 +465,16 @@ def _ignore_stop_signals(worker_id: int) -> None:
 class _Trainer:
     """One rank's part of a run: model, optimizer, data stream, logs and checkpoints."""
 
-    def __init__(self, settings: Settings, shards: ShardSet, rank: int, world_size: int,
-                 device: torch.device, precision: torch.dtype, resume: str | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        shards: ShardSet,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        precision: torch.dtype,
+        resume: str | None,
+    ) -> None:
         self.settings, self.shards, self.precision = settings, shards, precision
         self.rank, self.world_size, self.device = rank, world_size, device
         self.out = Path(settings.out)
@@ -434,8 +482,9 @@ class _Trainer:
         tokenizer = shards.tokenizer()
         specials = special_token_ids(tokenizer)
         self.collator = MaskingCollator.from_tokenizer(tokenizer, mlm_probability=settings.mlm_probability)
-        self.config = model_config(settings, tokenizer.get_vocab_size(), specials,
-                                   self.collator.num_predictions(settings.seq_len))
+        self.config = model_config(
+            settings, tokenizer.get_vocab_size(), specials, self.collator.num_predictions(settings.seq_len)
+        )
         self.rows = PackedRows(shards, settings.seq_len, specials.cls, specials.sep)
         self.global_batch = settings.batch_size * settings.grad_accum * world_size
 
@@ -443,8 +492,9 @@ class _Trainer:
         self.model = self.parallel = _parallelize(self.raw, settings.parallel, world_size, device)
         if settings.compile:
             # Each kept length is one graph (see the module docstring); let them all stay compiled.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                       settings.seq_len // settings.ltd_granularity + 2)
+            torch._dynamo.config.recompile_limit = max(
+                torch._dynamo.config.recompile_limit, settings.seq_len // settings.ltd_granularity + 2
+            )
             self.model = torch.compile(self.parallel)
         self.optimizer = make_optimizer(self.raw, settings.lr, settings.weight_decay)
         self.scheduler = warmup_linear_decay(self.optimizer, settings.steps, settings.warmup_steps)
@@ -452,7 +502,8 @@ class _Trainer:
         torch.manual_seed(derive_seed(settings.seed, "rank", rank))  # dropout and random-LTD differ by rank
         self.fingerprint = {
             **{k: v for k, v in dataclasses.asdict(settings).items() if k not in RESUMABLE_CHANGES},
-            "world_size": world_size, "corpus": shards.identity(),
+            "world_size": world_size,
+            "corpus": shards.identity(),
         }
         self.step, self.bad_in_row, self.saved_step = 0, 0, None
         self._resume(resume)
@@ -463,8 +514,10 @@ class _Trainer:
         existing = list_checkpoints(self.root)
         if resume is None:
             if existing:
-                raise ValueError(f"{self.out} already holds checkpoints (newest: {existing[-1].name}); "
-                                 f"pass --resume to continue that run, or choose another --out")
+                raise ValueError(
+                    f"{self.out} already holds checkpoints (newest: {existing[-1].name}); "
+                    f"pass --resume to continue that run, or choose another --out"
+                )
             return
         if resume == "latest":
             if not existing:
@@ -481,7 +534,8 @@ class _Trainer:
             raise ValueError(f"{err}{hint}") from err
         changed = [
             f"{name}: {state['settings'].get(name)!r} in the checkpoint, {value!r} now"
-            for name, value in self.fingerprint.items() if state["settings"].get(name) != _jsonable(value)
+            for name, value in self.fingerprint.items()
+            if state["settings"].get(name) != _jsonable(value)
         ]
         if changed:
             raise ValueError(f"checkpoint {path} was made with other settings: {'; '.join(changed)}")
@@ -512,7 +566,9 @@ class _Trainer:
 
     def _save(self) -> Path:
         state = {
-            "step": self.step, "rows_consumed": self.step * self.global_batch, "bad_in_row": self.bad_in_row,
+            "step": self.step,
+            "rows_consumed": self.step * self.global_batch,
+            "bad_in_row": self.bad_in_row,
             "scheduler": self.scheduler.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "settings": _jsonable(self.fingerprint),
@@ -528,9 +584,9 @@ class _Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         loader = torch.utils.data.DataLoader(
             MaskedStream(self.rows, self.collator, s.seed),
-            batch_sampler=rank_batches(self.step, s.steps, s.batch_size, s.grad_accum, self.rank,
-                                       self.world_size),
-            num_workers=s.num_workers, pin_memory=self.device.type == "cuda",
+            batch_sampler=rank_batches(self.step, s.steps, s.batch_size, s.grad_accum, self.rank, self.world_size),
+            num_workers=s.num_workers,
+            pin_memory=self.device.type == "cuda",
             worker_init_fn=_ignore_stop_signals,
             generator=torch.Generator(),  # not the global RNG, whose state a checkpoint restores
         )
@@ -552,8 +608,9 @@ class _Trainer:
             logger.close()
         return 0
 
-    def _train_step(self, batches: Iterator[dict[str, torch.Tensor]], signals: _StopSignals,
-                    logger: _MetricsLogger) -> int | None:
+    def _train_step(
+        self, batches: Iterator[dict[str, torch.Tensor]], signals: _StopSignals, logger: _MetricsLogger
+    ) -> int | None:
         """One optimizer step; returns an exit status when the run must stop."""
         s = self.settings
         keep = kept_length(s, self.step)
@@ -586,18 +643,27 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        logger.record(self.step, loss_value if finite else None, lr, self.global_batch * s.seq_len,
-                      time.perf_counter() - started, self._kept_fraction(keep), self._importance)
+        logger.record(
+            self.step,
+            loss_value if finite else None,
+            lr,
+            self.global_batch * s.seq_len,
+            time.perf_counter() - started,
+            self._kept_fraction(keep),
+            self._importance,
+        )
         if self.bad_in_row >= s.max_bad_steps:
             path = self._save()
-            self._print(f"tokdrop pretrain: error: the loss was not finite for {self.bad_in_row} steps in a "
-                        f"row (steps {self.step - self.bad_in_row + 1} to {self.step}); stopped. Checkpoint: "
-                        f"{path}. Lower --lr or check the data before resuming.", file=sys.stderr)
+            self._print(
+                f"tokdrop pretrain: error: the loss was not finite for {self.bad_in_row} steps in a "
+                f"row (steps {self.step - self.bad_in_row + 1} to {self.step}); stopped. Checkpoint: "
+                f"{path}. Lower --lr or check the data before resuming.",
+                file=sys.stderr,
+            )
             return 1
         if stop:
             path = self._save()
-            self._print(f"stopped by signal {int(stop)} at step {self.step}; checkpoint {path}; "
-                        f"continue with --resume")
+            self._print(f"stopped by signal {int(stop)} at step {self.step}; checkpoint {path}; continue with --resume")
             return 128 + int(stop)
         if self.step % s.save_every == 0:
             self._save()
@@ -678,8 +744,7 @@ def _precision(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name == "fp16" and device.type != "cuda":
-        raise ValueError("precision='fp16' needs a CUDA GPU (fp16 autocast with loss scaling); "
-                         "on CPU use fp32 or bf16")
+        raise ValueError("precision='fp16' needs a CUDA GPU (fp16 autocast with loss scaling); on CPU use fp32 or bf16")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
@@ -688,8 +753,9 @@ def _parallelize(model: BertForMaskedLM, parallel: str, world_size: int, device:
         return model
     if parallel == "ddp":
         # No buffer broadcast: the only buffer, the importance table, is all-reduced in every update.
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                       broadcast_buffers=False)
+        return DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
     # The logits are a view (a linear layer on [B, P, H]) that nothing changes in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBertForMaskedLM\) returned a view")
     for layer in model.bert.encoder.layer:
@@ -727,8 +793,16 @@ class _MetricsLogger:
                 raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from err
             self.board = SummaryWriter(str(out / "tensorboard"))
 
-    def record(self, step: int, loss: float | None, lr: float, tokens: int, seconds: float,
-               kept_fraction: float, importance: Callable[[], dict[str, float] | None]) -> None:
+    def record(
+        self,
+        step: int,
+        loss: float | None,
+        lr: float,
+        tokens: int,
+        seconds: float,
+        kept_fraction: float,
+        importance: Callable[[], dict[str, float] | None],
+    ) -> None:
         """Count a step; log it every `every` steps and whenever it was skipped. `importance` is
         only called for a logged step (it reads the table back from the device)."""
         if not self.active:
@@ -736,12 +810,18 @@ class _MetricsLogger:
         self.tokens += tokens
         self.seconds += seconds
         self.bar.update()
-        self.bar.set_postfix(loss="skipped" if loss is None else f"{loss:.3f}",
-                             tok_s=f"{tokens / seconds:.0f}", refresh=False)
+        self.bar.set_postfix(
+            loss="skipped" if loss is None else f"{loss:.3f}", tok_s=f"{tokens / seconds:.0f}", refresh=False
+        )
         if step % self.every and loss is not None:
             return
-        line: dict[str, Any] = {"step": step, "loss": loss, "lr": lr,
-                                "tokens_per_s": self.tokens / self.seconds, "kept_fraction": kept_fraction}
+        line: dict[str, Any] = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "tokens_per_s": self.tokens / self.seconds,
+            "kept_fraction": kept_fraction,
+        }
         statistics = importance()
         if statistics is not None:
             line["importance"] = statistics

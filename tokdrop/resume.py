@@ -93,7 +93,11 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
     keep_last: int,
 ) -> Path:
     """Write checkpoint `step` under `root` and keep only the newest `keep_last` ones.
@@ -166,8 +170,10 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             if not file.is_file():
                 raise ValueError(f"checkpoint file {file} is missing")
             if file.stat().st_size != expected["bytes"]:
-                raise ValueError(f"checkpoint file {file} is truncated or overwritten: "
-                                 f"{file.stat().st_size} bytes, the manifest says {expected['bytes']}")
+                raise ValueError(
+                    f"checkpoint file {file} is truncated or overwritten: "
+                    f"{file.stat().st_size} bytes, the manifest says {expected['bytes']}"
+                )
             if _crc32(file) != expected["crc32"]:
                 raise ValueError(f"checkpoint file {file} is corrupt: its CRC-32 differs from the manifest")
         return _read_json(path / TRAINER_STATE)
@@ -237,6 +243,11 @@ def _fsync(path: Path) -> None:
 
 
 __all__ = [
-    "CheckpointSaveError", "checkpoint_name", "list_checkpoints", "load_checkpoint", "on_rank_zero",
-    "save_checkpoint", "verify_checkpoint",
+    "CheckpointSaveError",
+    "checkpoint_name",
+    "list_checkpoints",
+    "load_checkpoint",
+    "on_rank_zero",
+    "save_checkpoint",
+    "verify_checkpoint",
 ]

@@ -135,15 +135,19 @@ def _byte_progress(files: Sequence[Path], what: str) -> tqdm:
 
 def sources_of(files: Sequence[Path], tokenizer: str | os.PathLike | None, vocab_size: int) -> dict:
     """What a shard directory is built from: the files as they are now and the tokenizer."""
-    described = [{"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
-                 for p in files]
+    described = [{"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files]
     made_by = str(Path(tokenizer).resolve()) if tokenizer is not None else f"trained, vocab_size={vocab_size}"
     return {"files": described, "tokenizer": made_by}
 
 
 def build_shards(
-    files: Sequence[Path], directory: Path, *, tokenizer: Tokenizer | None, vocab_size: int,
-    sources: dict, shard_tokens: int = SHARD_TOKENS,
+    files: Sequence[Path],
+    directory: Path,
+    *,
+    tokenizer: Tokenizer | None,
+    vocab_size: int,
+    sources: dict,
+    shard_tokens: int = SHARD_TOKENS,
 ) -> ShardSet:
     """Tokenise `files` into a new shard directory (training a WordPiece tokenizer of `vocab_size`
     on them first when `tokenizer` is None). Built under a temporary name and renamed when done."""
@@ -173,8 +177,12 @@ def build_shards(
             raise ValueError(f"the data files {[str(p) for p in usable[:5]]} hold no tokens")
         tokenizer.save(str(temp / TOKENIZER))
         manifest = {
-            "format": FORMAT, "dtype": dtype.name, "vocab_size": tokenizer.get_vocab_size(),
-            "tokens": counts, "sources": sources, "skipped": skipped,
+            "format": FORMAT,
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.get_vocab_size(),
+            "tokens": counts,
+            "sources": sources,
+            "skipped": skipped,
         }
         (temp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(temp, directory)
@@ -202,7 +210,7 @@ def _write_token_files(
                             out.close()
                         out = open(directory / _shard_name(len(counts)), "wb")
                         counts.append(0)
-                    part, ids = ids[: shard_tokens - counts[-1]], ids[shard_tokens - counts[-1]:]
+                    part, ids = ids[: shard_tokens - counts[-1]], ids[shard_tokens - counts[-1] :]
                     part.tofile(out)
                     counts[-1] += len(part)
     finally:
@@ -242,8 +250,10 @@ class ShardSet:
             file = self.directory / _shard_name(index)
             size = file.stat().st_size if file.is_file() else None
             if size != count * self.dtype.itemsize:
-                raise ValueError(f"shard file {file} holds {size} bytes, {MANIFEST} promises "
-                                 f"{count * self.dtype.itemsize} ({count} tokens of {self.dtype.name})")
+                raise ValueError(
+                    f"shard file {file} holds {size} bytes, {MANIFEST} promises "
+                    f"{count * self.dtype.itemsize} ({count} tokens of {self.dtype.name})"
+                )
         self._maps: list[np.memmap] | None = None
 
     def __getstate__(self) -> dict:
@@ -280,8 +290,9 @@ class PackedRows:
         self.body = seq_len - 2
         self._ends = list(accumulate(count // self.body for count in shards.counts))
         if len(self) == 0:
-            raise ValueError(f"{shards.directory} holds {shards.total_tokens} tokens, too few for one row "
-                             f"of seq_len={seq_len}")
+            raise ValueError(
+                f"{shards.directory} holds {shards.total_tokens} tokens, too few for one row of seq_len={seq_len}"
+            )
 
     def __len__(self) -> int:
         return self._ends[-1]
@@ -331,6 +342,14 @@ def rank_batches(
 
 
 __all__ = [
-    "MaskedStream", "PackedRows", "ShardSet", "build_shards", "derive_seed", "feistel_permutation",
-    "rank_batches", "sources_of", "text_files", "unusable_reason",
+    "MaskedStream",
+    "PackedRows",
+    "ShardSet",
+    "build_shards",
+    "derive_seed",
+    "feistel_permutation",
+    "rank_batches",
+    "sources_of",
+    "text_files",
+    "unusable_reason",
 ]
