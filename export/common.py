@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tokdrop
-from tokdrop.checkpoint import read_config, write_atomically
 from tokdrop.config import BertConfig
+from tokdrop.files import write_atomically
+from tokdrop.hf_checkpoint import read_config
 from tokdrop.kernels.attention import ENV_VAR as ATTENTION_ENV_VAR
 from tokdrop.layers import BertLayer
 

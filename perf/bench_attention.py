@@ -280,7 +280,7 @@ def gather_comparison(cases: list[dict[str, object]]) -> dict[str, object] | Non
 
 
 def print_table(cases: list[dict[str, object]]) -> None:
-    from tokdrop.training import format_table
+    from tokdrop.cli import format_table
 
     rows = []
     for case in cases:
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import triton
 
-    from tokdrop.checkpoint import write_atomically
+    from tokdrop.files import write_atomically
 
     time_ms = timer(args.device)
     cases = []

@@ -34,9 +34,9 @@ import torch
 from provenance import cpu_name, git_commit  # perf/ is the script's folder, hence on sys.path
 
 import tokdrop
-from tokdrop.checkpoint import write_atomically
 from tokdrop.export import common, make_session, to_aoti, to_onnx
 from tokdrop.export.onnx_export import run_session
+from tokdrop.files import write_atomically
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = {

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from provenance import device_name, git_commit  # perf/ is the script's folder, hence on sys.path
 
-from tokdrop.checkpoint import write_atomically
+from tokdrop.cli import HelpFormatter, format_table, positive_int
 from tokdrop.data import load_corpus
-from tokdrop.training import HelpFormatter, format_table, positive_int
+from tokdrop.files import write_atomically
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = [sys.executable, "-m", "tokdrop.pretrain"]

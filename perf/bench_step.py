@@ -6,7 +6,7 @@ Hugging Face transformers BertForMaskedLM (sdpa), tokdrop dense, token dropping 
 The variants run interleaved, one step each per repetition in a rotating order, so that machine
 noise hits all of them alike; ratios of median step times are the result (the ratio of the fastest
 steps is reported beside it). Each ratio is printed next to the FLOP model's figure
-(tokdrop.training.training_flops) and its target.
+(tokdrop.flops.training_flops) and its target.
 """
 
 from __future__ import annotations
@@ -23,21 +23,12 @@ import torch
 import transformers
 from provenance import device_name, git_commit  # perf/ is the script's folder, hence on sys.path
 
-from tokdrop.checkpoint import write_atomically
-from tokdrop.config import BertConfig
+from tokdrop.cli import HelpFormatter, add_model_arguments, format_table, positive_int
+from tokdrop.config import BertConfig, with_mode
 from tokdrop.data import MaskingCollator, SpecialTokenIds
-from tokdrop.training import (
-    HelpFormatter,
-    add_model_arguments,
-    build_model,
-    config_from_arguments,
-    format_table,
-    make_optimizer,
-    positive_int,
-    train_step,
-    training_flops,
-    variant_configs,
-)
+from tokdrop.files import write_atomically
+from tokdrop.flops import training_flops
+from tokdrop.training import build_model, config_from_arguments, make_optimizer, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 SPECIALS = SpecialTokenIds(pad=0, unk=1, cls=2, sep=3, mask=4)
@@ -105,12 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
         max_predictions_per_seq=args.predictions,
         pad_token_id=SPECIALS.pad,
     )
-    configs = variant_configs(
-        base,
-        keep=args.keep,
-        full_layers=args.full_layers,
-        allow_ids=(SPECIALS.cls, SPECIALS.sep, SPECIALS.mask, SPECIALS.unk),
-    )
+    allow_ids = (SPECIALS.cls, SPECIALS.sep, SPECIALS.mask, SPECIALS.unk)
+    configs = {
+        name: with_mode(base, name, keep=args.keep, full_layers=args.full_layers, allow_ids=allow_ids)
+        for name in VARIANTS[1:]
+    }
     models = {"transformers": transformers_model(base, args.seed, args.device)}
     models |= {name: build_model(config, args.seed, device) for name, config in configs.items()}
     optimizers = {name: make_optimizer(model, lr=1e-4) for name, model in models.items()}

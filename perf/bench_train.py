@@ -2,7 +2,7 @@
 
     python perf/bench_train.py                                        # CUDA, BERT-base, seq 128 and 512
     python perf/bench_train.py --compile none default max-autotune --max-batch
-    python perf/bench_train.py --preset tiny --device cpu --warmup 1 --reps 2 --seq-len 32
+    python perf/bench_train.py --preset mini --vocab-size 1000 --device cpu --warmup 1 --reps 2 --seq-len 32
 
 Models: tokdrop dense, token_drop (keep 0.5, the paper's layers), narrow (NarrowBERT, 2 full
 layers), random_ltd (token dropping with random importance), varlen (tokdrop dense on the
@@ -13,7 +13,7 @@ transformers (Hugging Face BertForMaskedLM, sdpa). Each runs under every `--comp
 
 Per sequence length all variants stay resident and run interleaved, one step each per repetition
 in a rotating order, so that clock and load drift hit them alike; warm-up repetitions (which also
-compile) are not timed. Model FLOPs utilisation divides the FLOP model (tokdrop.training) by a
+compile) are not timed. Model FLOPs utilisation divides the FLOP model (tokdrop.flops) by a
 matmul peak measured in the same run (bf16 on CUDA, fp32 on CPU). A variant that runs out of
 memory is recorded and dropped; the others go on. JSON goes to perf/results/bench_train_<device>.json.
 """
@@ -38,38 +38,16 @@ from bench_step import SPECIALS, random_batch, transformers_model
 from provenance import device_name, git_commit
 from torch import nn
 
-from tokdrop.checkpoint import write_atomically
-from tokdrop.config import BertConfig, TokenDropConfig
+from tokdrop.cli import HelpFormatter, format_table, positive_int
+from tokdrop.config import MODES, BertConfig, with_mode
 from tokdrop.data import num_mlm_predictions
+from tokdrop.files import write_atomically
+from tokdrop.flops import training_flops
 from tokdrop.kernels.attention import resolve_backend
-from tokdrop.training import (
-    HelpFormatter,
-    build_model,
-    format_table,
-    make_optimizer,
-    positive_int,
-    train_step,
-    training_flops,
-    variant_configs,
-)
+from tokdrop.presets import PRESETS
+from tokdrop.training import build_model, make_optimizer, train_step
 
 REPO = Path(__file__).resolve().parent.parent
-PRESETS = {
-    "base": {
-        "vocab_size": 30522,
-        "hidden_size": 768,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "intermediate_size": 3072,
-    },
-    "tiny": {
-        "vocab_size": 1000,
-        "hidden_size": 64,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 2,
-        "intermediate_size": 128,
-    },
-}
 MODELS = ("dense", "token_drop", "narrow", "random_ltd", "varlen", "transformers")
 COMPILE_MODES = ("none", "default", "max-autotune")
 # The issue's targets: (kind, numerator, denominator, {seq_len: target}; None is every length).
@@ -87,6 +65,7 @@ LR = 1e-4
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--preset", choices=tuple(PRESETS), default="base", help="model size")
+    parser.add_argument("--vocab-size", type=positive_int, default=30522, help="vocabulary size")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--seq-len", type=positive_int, nargs="+", default=[128, 512], help="sequence lengths")
     parser.add_argument("--batch", type=positive_int, default=32, help="sequences per step")
@@ -221,12 +200,9 @@ class Variant:
 
 
 def model_configs(base: BertConfig) -> dict[str, BertConfig]:
-    """tokdrop's configs of the run's models: training.variant_configs plus random-LTD and varlen."""
-    configs = variant_configs(base, allow_ids=(SPECIALS.cls, SPECIALS.sep, SPECIALS.mask, SPECIALS.unk))
-    drop = configs["token_drop"].token_drop
-    configs["random_ltd"] = dataclasses.replace(
-        configs["token_drop"], token_drop=TokenDropConfig(keep=drop.keep, importance="random", allow_ids=drop.allow_ids)
-    )
+    """tokdrop's configs of the run's models: every training mode, and dense on the varlen backend."""
+    allow_ids = (SPECIALS.cls, SPECIALS.sep, SPECIALS.mask, SPECIALS.unk)
+    configs = {mode: with_mode(base, mode, allow_ids=allow_ids) for mode in MODES}
     # varlen_attn has no attention dropout; MosaicBERT trains without it as well.
     configs["varlen"] = dataclasses.replace(configs["dense"], attn_backend="varlen", attention_probs_dropout_prob=0.0)
     return configs
@@ -483,9 +459,9 @@ def versions() -> dict[str, str | None]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
-    preset = PRESETS[args.preset]
-    args.vocab_size = preset["vocab_size"]
-    base = BertConfig(**preset, pad_token_id=SPECIALS.pad, max_position_embeddings=512)
+    base = BertConfig(
+        **PRESETS[args.preset], vocab_size=args.vocab_size, pad_token_id=SPECIALS.pad, max_position_embeddings=512
+    )
     peak = matmul_peak(device, args.peak_size or (8192 if device.type == "cuda" else 1024))
     print(f"{peak['dtype']} matmul peak: {peak['tflops']:.2f} TFLOP/s", file=sys.stderr)
 
@@ -521,9 +497,13 @@ def main(argv: list[str] | None = None) -> dict:
         "git": git_commit(),
         "arguments": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "precision": "bf16 autocast, fused AdamW" if device.type == "cuda" else "fp32, AdamW",
-        "model": {key: value for key, value in dataclasses.asdict(base).items() if key in preset},
+        "model": {
+            key: value
+            for key, value in dataclasses.asdict(base).items()
+            if key in PRESETS[args.preset] or key == "vocab_size"
+        },
         "matmul_peak": peak,
-        "flop_model": "tokdrop.training.training_flops (attention 4*H*D*Lq*Lk fwd, x2.5 bwd; linear x2 bwd)",
+        "flop_model": "tokdrop.flops.training_flops (attention 4*H*D*Lq*Lk fwd, x2.5 bwd; linear x2 bwd)",
         "peak_memory": "torch.cuda.max_memory_allocated of the step, less what the other resident variants held",
         "runs": runs,
         "targets": target_checks(runs, device.type),

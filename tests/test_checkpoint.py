@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tokdrop
-from tokdrop import checkpoint
+from tokdrop import hf_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="HF parity needs the test extra `transformers`")
 
@@ -672,7 +672,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
         Path(filename).write_bytes(before["model.safetensors"][:100])  # partial data, then the disk fills
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", broken_save_file)
+    monkeypatch.setattr(hf_checkpoint, "save_file", broken_save_file)
     new = td_model("BertModel", seed=1, num_hidden_layers=2)
     with pytest.raises(OSError, match="No space left"):
         new.save_pretrained(tmp_path)
@@ -693,7 +693,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"\x01" * 10)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "save_file", interrupted)
+    monkeypatch.setattr(hf_checkpoint, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         td_model("BertModel", seed=3).save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from tokdrop import cli
-from tokdrop.training import VARIANTS
+from tokdrop.demo import VARIANTS
 
 TINY = [
     "--steps", "2", "--seq-len", "32", "--batch-size", "4", "--evals", "1", "--eval-rows", "8",

@@ -26,7 +26,9 @@ def test_bench_train_json_and_report(perf_modules, tmp_path):
     bench_train.main(
         [
             "--preset",
-            "tiny",
+            "mini",
+            "--vocab-size",
+            "1000",
             "--device",
             "cpu",
             "--seq-len",

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tokdrop.kernels.attention import BACKENDS
 
 IMPORTANCE_MODES = ("mlm_loss", "random")
+# Training modes of a masked-LM model, as `with_mode` builds them.
+MODES = ("dense", "token_drop", "narrow", "random_ltd")
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 
 
@@ -196,4 +199,22 @@ class BertConfig:
         return cls(**kwargs)
 
 
-__all__ = ["BertConfig", "NarrowConfig", "TokenDropConfig", "check_keep", "drop_schedule"]
+def with_mode(
+    base: BertConfig, mode: str, *, keep: float | int = 0.5, full_layers: int = 2, allow_ids: Sequence[int] = ()
+) -> BertConfig:
+    """`base` in one of `MODES`, whatever mode it had: dense; token dropping at `keep` (the paper's
+    layers, `allow_ids` always kept); NarrowBERT after `full_layers`; random-LTD at `keep`."""
+    dense = dataclasses.replace(base, token_drop=None, narrow=None)
+    if mode == "dense":
+        return dense
+    if mode == "token_drop":
+        return dataclasses.replace(dense, token_drop=TokenDropConfig(keep=keep, allow_ids=tuple(allow_ids)))
+    if mode == "narrow":
+        return dataclasses.replace(dense, narrow=NarrowConfig(full_layers=full_layers))
+    if mode == "random_ltd":
+        drop = TokenDropConfig(keep=keep, importance="random", allow_ids=tuple(allow_ids))
+        return dataclasses.replace(dense, token_drop=drop)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+__all__ = ["MODES", "BertConfig", "NarrowConfig", "TokenDropConfig", "check_keep", "drop_schedule", "with_mode"]

@@ -23,8 +23,8 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from tokdrop.checkpoint import write_atomically
-from tokdrop.config import BertConfig
+from tokdrop.cli import HelpFormatter, add_model_arguments, format_table, positive_int
+from tokdrop.config import BertConfig, with_mode
 from tokdrop.data import (
     MaskingCollator,
     load_corpus,
@@ -33,21 +33,18 @@ from tokdrop.data import (
     special_token_ids,
     train_tokenizer,
 )
+from tokdrop.files import write_atomically
+from tokdrop.flops import training_flops
 from tokdrop.training import (
-    VARIANTS,
-    HelpFormatter,
-    add_model_arguments,
     build_model,
     config_from_arguments,
     evaluate,
-    format_table,
     make_optimizer,
-    positive_int,
     train_step,
-    training_flops,
-    variant_configs,
     warmup_linear_decay,
 )
+
+VARIANTS = ("dense", "token_drop", "narrow")
 
 # Step times of the first steps include one-off allocation and kernel selection.
 _UNTIMED_STEPS = 2
@@ -174,12 +171,16 @@ def _prepare(args: argparse.Namespace) -> _DemoData:
         collator=collator,
         train_rows=pack_sequences(tokenizer, corpus.train, args.seq_len),
         eval_batches=[collator(rows, generator=held_out_masking) for rows in held_out_rows.split(args.batch_size)],
-        configs=variant_configs(
-            base,
-            keep=args.keep,
-            full_layers=args.full_layers,
-            allow_ids=(specials.cls, specials.sep, specials.mask, specials.unk),
-        ),
+        configs={
+            mode: with_mode(
+                base,
+                mode,
+                keep=args.keep,
+                full_layers=args.full_layers,
+                allow_ids=(specials.cls, specials.sep, specials.mask, specials.unk),
+            )
+            for mode in VARIANTS
+        },
         num_predictions=num_predictions,
     )
 

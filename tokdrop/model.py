@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokdrop.checkpoint import PretrainedMixin
 from tokdrop.config import BertConfig
+from tokdrop.hf_checkpoint import PretrainedMixin
 from tokdrop.layers import (
     _ACTIVATIONS,
     BertLayer,

@@ -55,11 +55,13 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from tokdrop.checkpoint import write_atomically
-from tokdrop.config import BertConfig, TokenDropConfig
+from tokdrop.cli import HelpFormatter
+from tokdrop.config import MODES, BertConfig, TokenDropConfig, with_mode
 from tokdrop.data import MaskingCollator, load_tokenizer, special_token_ids
+from tokdrop.files import write_atomically
 from tokdrop.layers import max_kept
 from tokdrop.model import IGNORE_INDEX, BertForMaskedLM
+from tokdrop.presets import PRESETS
 from tokdrop.resume import (
     CheckpointSaveError,
     list_checkpoints,
@@ -79,16 +81,15 @@ from tokdrop.shards import (
     sources_of,
     text_files,
 )
-from tokdrop.training import HelpFormatter, build_model, make_optimizer, variant_configs, warmup_linear_decay
+from tokdrop.training import build_model, make_optimizer, warmup_linear_decay
 
-# BERT sizes (Google's miniatures for tiny and small).
-PRESETS = {
-    "tiny": {"layers": 2, "hidden": 128, "heads": 2, "intermediate": 512},
-    "small": {"layers": 4, "hidden": 512, "heads": 8, "intermediate": 2048},
-    "base": {"layers": 12, "hidden": 768, "heads": 12, "intermediate": 3072},
-    "large": {"layers": 24, "hidden": 1024, "heads": 16, "intermediate": 4096},
+# The size settings and the BertConfig fields they set.
+SIZE_FIELDS = {
+    "layers": "num_hidden_layers",
+    "hidden": "hidden_size",
+    "heads": "num_attention_heads",
+    "intermediate": "intermediate_size",
 }
-MODES = ("dense", "token_drop", "narrow", "random_ltd")
 
 
 def _setting(
@@ -164,9 +165,9 @@ class Settings:
                 raise ValueError(f"{spec.name} must be one of {meta['choices']}, got {value!r}")
             if meta["minimum"] is not None and value is not None and value < meta["minimum"]:
                 raise ValueError(f"{spec.name} must be >= {meta['minimum']}, got {value!r}")
-        for name, value in PRESETS[self.preset].items():
+        for name, field_name in SIZE_FIELDS.items():
             if getattr(self, name) is None:
-                setattr(self, name, value)
+                setattr(self, name, PRESETS[self.preset][field_name])
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be less than steps={self.steps}")
         if self.seq_len > self.max_position_embeddings:
@@ -408,8 +409,7 @@ def model_config(settings: Settings, vocab_size: int, specials: Any, predictions
     if settings.mode == "random_ltd":
         drop = TokenDropConfig(keep=kept_length(settings, 0), importance="random", allow_ids=allow_ids)
         return dataclasses.replace(base, token_drop=drop)
-    configs = variant_configs(base, keep=settings.keep, full_layers=settings.full_layers, allow_ids=allow_ids)
-    return configs[settings.mode]
+    return with_mode(base, settings.mode, keep=settings.keep, full_layers=settings.full_layers, allow_ids=allow_ids)
 
 
 def kept_length(settings: Settings, step: int) -> float | int:

@@ -1,10 +1,10 @@
-"""Hugging Face checkpoint layout: config.json + model.safetensors (pytorch_model.bin also read)."""
+"""The Hugging Face checkpoint layout of the models: config.json + model.safetensors (pytorch_model.bin is
+also read). Training-state checkpoints (optimizer, RNG, data position) are tokdrop.pretrain's."""
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from tokdrop.config import BertConfig
+from tokdrop.files import write_atomically
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -25,25 +26,6 @@ _BASE_KEYS = ("embeddings.", "encoder.", "pooler.", "token_importance.")
 _TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 # Heads of other BERT classes: loading a checkpoint into a different head drops them silently.
 _OTHER_HEADS = ("cls.", "classifier.", "qa_outputs.")
-
-
-def write_atomically(path: Path, write: Any) -> None:
-    """Call write(temp_path) and rename the result onto `path`, so a crash leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    # An ordinary file's mode (0o666 less the umask), kept even if `write` replaces the file
-    # (safetensors' save_file leaves 0o600, as mkstemp would).
-    os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        mode = os.stat(temp).st_mode
-        write(temp)
-        os.chmod(temp, mode)
-        with open(temp, "rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def _model_key(key: str, prefix: str) -> str:
