@@ -43,16 +43,13 @@ import tokdrop
 from tokdrop.config import BertConfig
 from tokdrop.files import write_atomically
 from tokdrop.hf_checkpoint import read_config
-from tokdrop.kernels.attention import ENV_VAR as ATTENTION_ENV_VAR
-from tokdrop.layers import BertLayer
+from tokdrop.kernels import use_backend
 
 log = logging.getLogger("tokdrop.export")
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 HEADS = ("encoder", "classifier", "embedding", "narrow-cls")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Attention backends that trace into plain graph ops (the Triton/flex/varlen paths do not export).
-EXPORT_BACKENDS = ("sdpa", "eager")
 BATCH_DIM, SEQ_DIM = "batch_size", "sequence_length"
 
 
@@ -362,12 +359,10 @@ def _describe_token_drop(config: BertConfig) -> str:
     )
 
 
-def load_model(
-    directory: str | os.PathLike, head: str | None = None, *, backend: str = "sdpa"
-) -> tuple[nn.Module, str, list[str]]:
+def load_model(directory: str | os.PathLike, head: str | None = None) -> tuple[nn.Module, str, list[str]]:
     """Load a tokdrop or Hugging Face BERT directory for `head` (None: classifier when config.json
-    names a sequence-classification architecture, else encoder). Token dropping is switched off and
-    the attention backend set to an exportable one. Returns (model in eval mode, head, notes)."""
+    names a sequence-classification architecture, else encoder). Token dropping and random-LTD are
+    switched off. Returns (model in eval mode, head, notes)."""
     directory = Path(directory)
     if not directory.is_dir():
         problem = "is not a directory" if directory.exists() else "does not exist"
@@ -389,7 +384,7 @@ def load_model(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            model = _model_class(head).from_pretrained(directory, token_drop=None, attn_backend=backend)
+            model = _model_class(head).from_pretrained(directory, token_drop=None, random_ltd=None)
         except (ValueError, TypeError, OSError) as err:
             raise ExportError(f"cannot load the model from {directory}: {err}") from err
     for warning in caught:
@@ -402,26 +397,6 @@ def load_model(
                 continue  # the pooler's weight and bias were all that was missing
         notes.append(f"WARNING from loading: {message}")
     return model.eval(), head, notes
-
-
-@contextlib.contextmanager
-def attention_backend(name: str) -> Iterator[None]:
-    """Force the attention backend while tracing/validating ($TOKDROP_ATTENTION wins over configs)."""
-    old = os.environ.get(ATTENTION_ENV_VAR)
-    os.environ[ATTENTION_ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ATTENTION_ENV_VAR, None)
-        else:
-            os.environ[ATTENTION_ENV_VAR] = old
-
-
-def _set_backend(module: nn.Module, backend: str) -> None:
-    for layer in module.modules():
-        if isinstance(layer, BertLayer):
-            layer.attn_backend = backend
 
 
 def _cast(head: _Head, dtype: torch.dtype) -> _Head:
@@ -444,7 +419,7 @@ def prepare(
     check_dtype(dtype)
     backend = "sdpa" if dtype == "fp32" else "eager"
     if isinstance(model, (str, os.PathLike)):
-        model, head, notes = load_model(model, head, backend=backend)
+        model, head, notes = load_model(model, head)
     else:
         if not isinstance(model, (tokdrop.BertModel, tokdrop.BertForSequenceClassification, tokdrop.BertForMaskedLM)):
             raise ExportError(
@@ -457,8 +432,7 @@ def prepare(
         if model.config.token_drop is not None:
             notes.append(_describe_token_drop(model.config))
         model = copy.deepcopy(model).float().cpu().eval()
-        model.config = dataclasses.replace(model.config, token_drop=None, attn_backend=backend)
-        _set_backend(model, backend)
+        model.config = dataclasses.replace(model.config, token_drop=None, random_ltd=None)
     config = model.config
     if head in ("encoder", "embedding") and not isinstance(model, tokdrop.BertModel):
         model = model.bert
@@ -566,7 +540,7 @@ def validate(
     batch with a fully padded row gives finite outputs. Raises ValidationError on a mismatch."""
     report.tolerance = tolerance
     config = prepared.config
-    with attention_backend(prepared.backend):
+    with use_backend(prepared.backend):
         for i, lengths in enumerate(shapes or validation_shapes(max_batch, max_seq_len)):
             seq_len = max(lengths)
             inputs = make_inputs(config, lengths, seq_len, seed=10 + i)
@@ -682,7 +656,7 @@ def new_report(fmt: str, path: Path, prepared: Prepared, max_batch: int, max_seq
 def export_program(prepared: Prepared, max_batch: int, max_seq_len: int) -> torch.export.ExportedProgram:
     """torch.export of the head with the shared dynamic batch/sequence dims."""
     example = example_inputs(prepared.config, max_batch, max_seq_len)
-    with attention_backend(prepared.backend):
+    with use_backend(prepared.backend):
         return torch.export.export(prepared.module, example, dynamic_shapes=dynamic_shapes(max_batch, max_seq_len))
 
 

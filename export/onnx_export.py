@@ -366,7 +366,8 @@ def _export(prepared: Prepared, target: Path, opset: int, max_batch: int, max_se
 
     import torch
 
-    from tokdrop.export.common import attention_backend, dynamic_shapes, example_inputs
+    from tokdrop.export.common import dynamic_shapes, example_inputs
+    from tokdrop.kernels import use_backend
 
     example = example_inputs(prepared.config, max_batch, max_seq_len)
     # torch.onnx logs a warning per torchvision op it cannot register; irrelevant here.
@@ -374,7 +375,7 @@ def _export(prepared: Prepared, target: Path, opset: int, max_batch: int, max_se
     level = registration.level
     registration.setLevel(logging.ERROR)
     try:
-        with attention_backend(prepared.backend), warnings.catch_warnings():
+        with use_backend(prepared.backend), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
             warnings.filterwarnings("ignore", category=FutureWarning)
             program = torch.onnx.export(

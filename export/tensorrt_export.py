@@ -46,7 +46,6 @@ from tokdrop.export.common import (
     ExportReport,
     Progress,
     Tolerance,
-    attention_backend,
     check_dtype,
     check_output_path,
     check_ranges,
@@ -59,6 +58,7 @@ from tokdrop.export.common import (
     staging,
     validate,
 )
+from tokdrop.kernels import use_backend
 
 TORCH_TRT_FORMATS = {".ep": "exported_program", ".pt2": "aot_inductor"}
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
@@ -150,7 +150,7 @@ def to_tensorrt(
     )
     example = tuple(t.to(device) for t in example_inputs(prepared.config, max_batch, max_seq_len))
     shapes = dynamic_shapes(max_batch, max_seq_len)
-    with attention_backend(prepared.backend):
+    with use_backend(prepared.backend):
         step("torch.export with one shared Dim per axis")
         program = torch.export.export(prepared.module, example, dynamic_shapes=shapes)
         # one Input per positional input, in INPUT_NAMES order; the same batch/seq profile for each

@@ -12,8 +12,9 @@ d_saved = grad with the restored rows zeroed and d_kept = grad gathered at idx, 
 Restore is one pass over the output: an inverse index (position -> slot, or -1) tells each output row
 whether to read `kept` or `saved`, instead of copying `saved` and scattering `kept` over the copy.
 The Triton kernels run as the custom ops ``tokdrop::drop_tokens`` / ``tokdrop::restore_tokens``
-(fake + autograd; their backward passes are ops too). `drop_tokens` / `restore_tokens` use them on
-CUDA and the pure-PyTorch references elsewhere (also where Triton is not installed).
+(fake + autograd; their backward passes are ops too). `drop_tokens` / `restore_tokens` follow the
+attention backend (tokdrop.kernels.backends): the Triton kernels under `triton`, the pure-PyTorch
+references under every other backend, which torch.compile fuses like any other indexing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .backends import current_backend
 from .validate import check_index, check_range
 
 try:
@@ -294,11 +296,11 @@ def restore_tokens_reference(saved: Tensor, kept: Tensor, idx: Tensor, kept_lens
 
 
 def _use_kernels(x: Tensor) -> bool:
-    return x.is_cuda and triton is not None
+    return current_backend(x.device.type).triton_rows
 
 
 def drop_tokens(x: Tensor, idx: Tensor, *, validate: bool = True) -> Tensor:
-    """Rows of x [B, S, H] at idx [B, K] -> [B, K, H] (Triton on CUDA, the reference elsewhere).
+    """Rows of x [B, S, H] at idx [B, K] -> [B, K, H] (Triton or the reference, by the backend).
 
     validate: check that every row of idx holds distinct positions in [0, S) (a device sync).
     """

@@ -21,7 +21,6 @@ index tensors are built once, outside the timed region. Every output is checked 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -115,9 +114,9 @@ class Inputs:
 
 def implementations(x: Inputs, case: Case) -> dict[str, Callable[[], Callable[[], torch.Tensor]]]:
     """name -> builder of a zero-argument forward function (builders raise Unavailable)."""
-    from tokdrop.kernels import triton_attention as ta
+    from tokdrop.kernels import backends as dispatch
+    from tokdrop.kernels import subset_attention as ta
 
-    dispatch = importlib.import_module("tokdrop.kernels.attention")
     # The inputs are valid by construction: no value checks (device syncs) inside the timed calls.
     unchecked = dict(validate=False)
 
@@ -144,8 +143,10 @@ def implementations(x: Inputs, case: Case) -> dict[str, Callable[[], Callable[[]
         return lambda: dispatch.attention(x.q, x.k, x.v, x.q_lens, x.k_lens, backend="sdpa", **unchecked)
 
     def varlen():
-        if not dispatch._runs_on("varlen", x.q.device.type):
-            raise Unavailable(dispatch._MISSING.get("varlen", "varlen is unavailable"))
+        try:
+            dispatch.resolve_backend("varlen", x.q.device.type)
+        except ValueError as err:
+            raise Unavailable(str(err)) from None
         from torch.nn.attention.varlen import varlen_attn
 
         return lambda: varlen_attn(x.qp, x.kp, x.vp, x.cu_q, x.cu_k, x.lq, x.lk)

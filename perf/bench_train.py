@@ -43,7 +43,7 @@ from tokdrop.config import MODES, BertConfig, with_mode
 from tokdrop.data import num_mlm_predictions
 from tokdrop.files import write_atomically
 from tokdrop.flops import training_flops
-from tokdrop.kernels.attention import resolve_backend
+from tokdrop.kernels import resolve_backend
 from tokdrop.presets import PRESETS
 from tokdrop.training import build_model, make_optimizer, train_step
 

@@ -1,5 +1,13 @@
-import os
+"""Shared test set-up: the Triton interpreter on CPU, hypothesis profiles, and the fixtures and
+markers of the kernel tests."""
 
+import contextlib
+import datetime
+import json
+import os
+import pathlib
+
+import pytest
 import torch
 
 # Triton kernels run on CPU tensors through the interpreter; it must be chosen before triton loads.
@@ -7,14 +15,84 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
+from interpreter_bounds import checked_memory  # noqa: E402
 
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=60, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "perf" / "results"
+NO_CUDA = "needs a CUDA GPU: real sizes, torch.compile of the Triton ops and CUDA-only backends"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"needs_cuda: skipped without a CUDA GPU ({NO_CUDA})")
+
 
 def pytest_collection_modifyitems(items):
-    """Run the Triton-interpreter kernel tests first, in a process nothing else has touched yet: in
-    full runs the interpreter segfaulted at random points after the export and compile tests had
-    loaded compiled libraries (AOTInductor, ONNX Runtime, inductor kernels); alone it never did."""
+    """Skip `needs_cuda` tests on machines without a GPU; run the Triton-interpreter kernel tests
+    first, in a process nothing else has touched yet: in full runs the interpreter segfaulted at
+    random points after the export and compile tests had loaded compiled libraries (AOTInductor,
+    ONNX Runtime, inductor kernels); alone it never did."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if "needs_cuda" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=NO_CUDA))
     items.sort(key=lambda item: not item.path.name.startswith("test_kernels_"))
+
+
+@pytest.fixture
+def poisoned_memory():
+    """Uninitialised outputs (torch.empty & co.) come out NaN, so any element a kernel forgets to
+    write fails the comparisons."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@pytest.fixture
+def in_bounds_memory():
+    """Under the interpreter, every load and store must stay inside the launch's tensors."""
+    from tokdrop.kernels.subset_attention import INTERPRETED
+
+    with checked_memory() if INTERPRETED else contextlib.nullcontext():
+        yield
+
+
+class GpuSummary:
+    """The outcome of each named check of a module's GPU tests."""
+
+    def __init__(self) -> None:
+        self.checks: dict[str, dict] = {}
+
+    @contextlib.contextmanager
+    def check(self, name: str):
+        try:
+            yield
+        except BaseException as err:
+            self.checks[name] = {"passed": False, "error": str(err)[:400]}
+            raise
+        self.checks[name] = {"passed": True}
+
+
+@pytest.fixture(scope="module")
+def gpu_summary(request):
+    """Collects a module's GPU checks and writes them to perf/results/gpu_<module>.json."""
+    summary = GpuSummary()
+    yield summary
+    if summary.checks:
+        import triton
+
+        name = request.module.__name__.rsplit(".", 1)[-1]
+        payload = {
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "passed": sum(check["passed"] for check in summary.checks.values()),
+            "failed": sum(not check["passed"] for check in summary.checks.values()),
+            "checks": summary.checks,
+        }
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"gpu_{name}.json").write_text(json.dumps(payload, indent=2) + "\n")

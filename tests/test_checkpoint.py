@@ -478,7 +478,7 @@ def test_config_overrides_in_from_pretrained(tmp_path):
 
     narrow = load_quietly(tokdrop.BertForMaskedLM, tmp_path, narrow=tokdrop.NarrowConfig(full_layers=3))
     assert narrow.config.narrow == tokdrop.NarrowConfig(full_layers=3)
-    assert narrow.bert.encoder.full_layers == 3
+    assert narrow.bert.encoder.plan[:4] == ("full", "full", "full", "narrow")
 
     # A token-dropping checkpoint loads dense when the override says so.
     model.save_pretrained(tmp_path / "drop")

@@ -6,13 +6,9 @@ import dataclasses
 
 import pytest
 import torch
-
-# Shared with the kernel tests: the GPU summary (perf/results/gpu_test_compile.json) and its marker.
-from test_kernels_attention import gpu_summary, needs_cuda, recorded  # noqa: F401
 from torch._dynamo.utils import counters
 
 import tokdrop
-from tokdrop.kernels import triton_attention
 
 CONFIG = tokdrop.BertConfig(
     vocab_size=120,
@@ -82,11 +78,12 @@ def test_compiled_training_matches_eager_without_recompiling(mode):
 TRITON_CONFIG = dataclasses.replace(CONFIG, hidden_size=64, intermediate_size=128, attn_backend="triton")
 
 
-@needs_cuda
+@pytest.mark.needs_cuda
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_gpu_model_on_triton_kernels_compiles_and_matches_sdpa(gpu_summary, mode):  # noqa: F811
-    with recorded(gpu_summary, f"model/{mode}/triton_vs_sdpa_and_compile_fullgraph_inductor"):
-        assert triton_attention.supports(torch.empty(1, 1, 2, 32, device="cuda"))
+def test_gpu_model_on_triton_kernels_compiles_and_matches_sdpa(gpu_summary, mode):
+    """The whole model on the Triton kernels (perf/results/gpu_test_compile.json via gpu_summary)."""
+    with gpu_summary.check(f"model/{mode}/triton_vs_sdpa_and_compile_fullgraph_inductor"):
+        assert tokdrop.BertModel(TRITON_CONFIG).cuda().attention_backend().name == "triton"
         ids, mask, _ = (t.cuda() for t in next(batches(1)))
         states = []
         for backend in ("triton", "sdpa"):

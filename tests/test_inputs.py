@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import re
 
 import pytest
@@ -11,8 +11,7 @@ import torch
 import tokdrop
 from tokdrop.layers import max_kept, select_tokens
 
-# The module itself: `tokdrop.kernels.attention` as an attribute is the function it exports.
-attention_module = importlib.import_module("tokdrop.kernels.attention")
+from tokdrop.kernels import backends as attention_module
 
 VOCAB, MAX_POS = 100, 16
 BASE = dict(
@@ -385,7 +384,7 @@ def test_valid_configs_build():
         narrow=tokdrop.NarrowConfig(full_layers=1),
     )
     config(num_hidden_layers=4, token_drop=tokdrop.TokenDropConfig(keep=16, start_layer=0, end_layer=4))
-    for backend in attention_module.BACKENDS:
+    for backend in attention_module.backend_names():
         assert config(attn_backend=backend).attn_backend == backend
 
 
@@ -400,7 +399,7 @@ def test_unknown_backend_via_config(ids, monkeypatch):
 
 def test_unavailable_backend_via_config(ids, monkeypatch):
     monkeypatch.delenv(attention_module.ENV_VAR, raising=False)
-    missing = [name for name in attention_module.BACKENDS if name not in attention_module._IMPLS]
+    missing = [name for name, b in attention_module._REGISTRY.items() if b.attention is None]
     if not missing:
         pytest.skip("every attention backend is available here")
     model = tokdrop.BertModel(config(attn_backend=missing[0])).eval()
@@ -409,15 +408,14 @@ def test_unavailable_backend_via_config(ids, monkeypatch):
 
 
 def test_unknown_backend_via_env_is_read_on_every_call(encoder, ids, monkeypatch):
-    """TOKDROP_ATTENTION wins over the config and is read again on every eager call, although
-    resolve_backend is marked torch.compiler.assume_constant_result (that only binds compiled graphs)."""
+    """TOKDROP_ATTENTION wins over the config and is read again on every eager call."""
     monkeypatch.delenv(attention_module.ENV_VAR, raising=False)
     ref = encoder(ids).last_hidden_state
     monkeypatch.setenv("TOKDROP_ATTENTION", "bogus")
     with pytest.raises(ValueError, match=r"\$TOKDROP_ATTENTION='bogus' is not an attention backend"):
         encoder(ids)
     monkeypatch.setenv("TOKDROP_ATTENTION", "eager")
-    assert attention_module.resolve_backend("sdpa", "cpu") == "eager"
+    assert attention_module.resolve_backend("sdpa", "cpu").name == "eager"
     assert torch.allclose(encoder(ids).last_hidden_state, ref, atol=1e-5)
     monkeypatch.setenv("TOKDROP_ATTENTION", "nonsense")
     with pytest.raises(ValueError, match=r"\$TOKDROP_ATTENTION='nonsense'"):
@@ -425,7 +423,7 @@ def test_unknown_backend_via_env_is_read_on_every_call(encoder, ids, monkeypatch
     with pytest.raises(ValueError, match=r"\$TOKDROP_ATTENTION='nonsense'"):
         attention_module.resolve_backend("sdpa", "cpu")
     monkeypatch.delenv("TOKDROP_ATTENTION")
-    assert attention_module.resolve_backend("sdpa", "cpu") == "sdpa"
+    assert attention_module.resolve_backend("sdpa", "cpu").name == "sdpa"
     assert torch.equal(encoder(ids).last_hidden_state, ref)
 
 
@@ -439,13 +437,13 @@ def test_env_backend_overrides_a_valid_config(ids, monkeypatch):
 def test_env_backend_is_used(encoder, ids, monkeypatch):
     """The backend the env var names is the one that runs."""
     calls = []
-    reference = attention_module._IMPLS["eager"]
+    eager = attention_module._REGISTRY["eager"]
 
     def spy(*args, **kwargs):
         calls.append(1)
-        return reference(*args, **kwargs)
+        return eager.attention(*args, **kwargs)
 
-    monkeypatch.setitem(attention_module._IMPLS, "eager", spy)
+    monkeypatch.setitem(attention_module._REGISTRY, "eager", dataclasses.replace(eager, attention=spy))
     monkeypatch.setenv("TOKDROP_ATTENTION", "eager")
     encoder(ids)
     assert len(calls) == BASE["num_hidden_layers"]

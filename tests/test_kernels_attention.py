@@ -2,15 +2,14 @@
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) on small shapes; the tests marked
 `needs_cuda` repeat the same checks at real sizes, compile with inductor, try the CUDA-only backends,
-and write a JSON summary to perf/results/.
+and write a JSON summary to perf/results/ (the `gpu_summary` fixture).
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import importlib
 import json
+import logging
 import pathlib
 import subprocess
 import sys
@@ -20,41 +19,21 @@ import torch
 import triton
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from interpreter_bounds import checked_memory
 
-from tokdrop.kernels import triton_attention as ta
-from tokdrop.kernels.attention import attention_reference, via_packed
+from tokdrop.kernels import backends as dispatch
+from tokdrop.kernels import subset_attention as ta
+from tokdrop.kernels.backends import via_packed
+from tokdrop.kernels.subset_attention import attention_reference, attention_reference_varlen
 
-dispatch = importlib.import_module("tokdrop.kernels.attention")  # the package exports a function `attention`
-
-needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="needs a CUDA GPU: real sizes, torch.compile of the Triton ops and CUDA-only backends",
-)
+needs_cuda = pytest.mark.needs_cuda
+pytestmark = pytest.mark.usefixtures("poisoned_memory", "in_bounds_memory")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Error bound relative to the largest reference magnitude of each tensor, floored at 1 for standard
 # normal inputs. dq and dk also carry the rounding of O in delta = rowsum(dO * O), an eps * |dO . v|
 # ~ eps * sqrt(D) term even where the exact gradient vanishes (a single key): their floor is sqrt(D).
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 NAMES = ("out", "lse", "dq", "dk", "dv")
-RESULTS = pathlib.Path(__file__).resolve().parents[1] / "perf" / "results"
-
-
-@pytest.fixture(autouse=True)
-def poisoned_memory():
-    """Uninitialised outputs (torch.empty & co.) come out NaN, so any element a kernel forgets to
-    write fails the comparisons."""
-    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-
-
-@pytest.fixture(autouse=True)
-def in_bounds_memory():
-    """Under the interpreter, every load and store must stay inside the launch's tensors."""
-    with checked_memory() if ta.INTERPRETED else contextlib.nullcontext():
-        yield
+PERF = pathlib.Path(__file__).resolve().parents[1] / "perf"
 
 
 def assert_near(actual, expected, dtype, what, floor=1.0):
@@ -483,14 +462,24 @@ def test_triton_backend_matches_sdpa_on_cpu():
     assert_same_with_grads(got, dispatch.attention(q, k, v, q_lens, k_lens, scale=0.3, backend="sdpa"), (q, k, v))
 
 
-def test_triton_backend_falls_back_for_head_dims_the_kernels_lack():
+def test_triton_backend_falls_back_for_head_dims_the_kernels_lack(caplog):
     q, k, v, q_lens, k_lens = small_inputs(head_dim=48)
     with pytest.raises(ValueError, match="head_dim 48"):
         ta.triton_attention(q, k, v, q_lens, k_lens)
-    torch.testing.assert_close(
-        dispatch.attention(q, k, v, q_lens, k_lens, backend="triton"),
-        dispatch.attention(q, k, v, q_lens, k_lens, backend="sdpa"),
-    )
+    dispatch._log_fallback.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="tokdrop.kernels"):
+        for _ in range(3):
+            torch.testing.assert_close(
+                dispatch.attention(q, k, v, q_lens, k_lens, backend="triton"),
+                dispatch.attention(q, k, v, q_lens, k_lens, backend="sdpa"),
+            )
+    assert [r.getMessage() for r in caplog.records] == [
+        "attention backend 'triton' falls back to 'sdpa': head_dim 48 is not supported by the Triton kernels "
+        "(they take (32, 64, 128))"
+    ]
+    backend = dispatch.resolve_backend("triton", "cpu", torch.float32, 48)
+    assert backend.name == "sdpa" and "standing in for 'triton': head_dim 48" in repr(backend)
+    assert repr(dispatch.resolve_backend("triton", "cpu", torch.float32, 64)) == "Backend('triton')"
 
 
 def test_packing_adapter_with_the_packed_kernel():
@@ -517,17 +506,59 @@ def test_flex_forward_on_cpu():
 
 def test_backend_resolution(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    assert dispatch.resolve_backend(None, "cpu") == "sdpa"
-    assert dispatch.resolve_backend("triton", "cpu") == "triton"  # under TRITON_INTERPRET=1
+    assert dispatch.resolve_backend(None, "cpu").name == "sdpa"
+    assert dispatch.resolve_backend("triton", "cpu").name == "triton"  # under TRITON_INTERPRET=1
     with pytest.raises(ValueError, match="'varlen' is not available on cpu tensors: .*CUDA"):
         dispatch.resolve_backend("varlen", "cpu")
     with pytest.raises(ValueError, match="'nope' is not an attention backend"):
         dispatch.resolve_backend("nope", "cpu")
     monkeypatch.setenv(dispatch.ENV_VAR, "eager")
-    assert dispatch.resolve_backend("triton", "cpu") == "eager"
+    assert dispatch.resolve_backend("triton", "cpu").name == "eager"
+    with dispatch.use_backend("sdpa"):  # the explicit block wins over the environment
+        assert dispatch.resolve_backend("triton", "cpu").name == "sdpa"
+        with dispatch.use_backend("triton"):
+            assert dispatch.resolve_backend(None, "cpu").name == "triton"
+        assert dispatch.resolve_backend(None, "cpu").name == "sdpa"
+    assert dispatch.resolve_backend(None, "cpu").name == "eager"
     monkeypatch.setenv(dispatch.ENV_VAR, "bogus")
     with pytest.raises(ValueError, match=r"\$TOKDROP_ATTENTION='bogus'"):
         dispatch.resolve_backend("sdpa", "cpu")
+    with pytest.raises(ValueError, match="'bogus' is not an attention backend"):
+        with dispatch.use_backend("bogus"):
+            pass
+
+
+def test_register_backend_adds_a_backend(monkeypatch):
+    """A new record under a new name becomes dispatchable, by a config or use_backend."""
+    calls = []
+
+    def doubled(q, k, v, q_lens, k_lens, *, scale=None, dropout_p=0.0):
+        calls.append(q.shape)
+        return 2 * attention_reference(q, k, v, q_lens, k_lens, scale=scale)
+
+    monkeypatch.setitem(dispatch._REGISTRY, "doubled", dispatch.Backend("doubled", doubled))
+    q, k, v, q_lens, k_lens = small_inputs()
+    torch.testing.assert_close(
+        dispatch.attention(q, k, v, q_lens, k_lens, backend="doubled"), 2 * attention_reference(q, k, v, q_lens, k_lens)
+    )
+    with dispatch.use_backend("doubled"):
+        dispatch.attention(q, k, v, q_lens, k_lens)
+    assert len(calls) == 2 and "doubled" in dispatch.backend_names()
+    with pytest.raises(TypeError, match="Backend record"):
+        dispatch.register_backend("doubled")
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "eager"])
+def test_packed_layout_on_every_cpu_backend(backend):
+    """attention_varlen: the Triton packed kernel, or the padded backends through padding."""
+    c = dict(batch=3, lq=13, lk=13, heads=2, head_dim=32, dtype=torch.float32, dropout_p=0.0, seed=8)
+    q, k, v, q_lens, k_lens, _, _, _ = make_inputs(c, "cpu")
+    q_valid, k_valid = lens_mask(q_lens, 13), lens_mask(k_lens, 13)
+    args = (q[q_valid], k[k_valid], v[k_valid], cumulative(q_lens), cumulative(k_lens), 13, 13)
+    got = dispatch.attention_varlen(*args, scale=0.4, backend=backend)
+    want = attention_reference(q, k, v, q_lens, k_lens, scale=0.4)[q_valid]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention_reference_varlen(*args, scale=0.4), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")
@@ -538,7 +569,7 @@ def test_missing_xformers_is_named():
 
 def test_benchmark_smoke_run(tmp_path):
     """perf/bench_attention.py's code path on tiny shapes; without CUDA it refuses a real run."""
-    bench = [sys.executable, str(RESULTS.parent / "bench_attention.py")]
+    bench = [sys.executable, str(PERF / "bench_attention.py")]
     done = subprocess.run(
         [*bench, "--device", "cpu", "--smoke", "--out", str(tmp_path / "b.json")],
         capture_output=True,
@@ -562,36 +593,6 @@ def test_benchmark_smoke_run(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gpu_summary(request):
-    """Collects {check: outcome} from a module's GPU tests and writes perf/results/gpu_<module>.json."""
-    summary: dict[str, dict] = {}
-    yield summary
-    if summary:
-        name = request.module.__name__.rsplit(".", 1)[-1]
-        payload = {
-            "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "passed": sum(check["passed"] for check in summary.values()),
-            "failed": sum(not check["passed"] for check in summary.values()),
-            "checks": summary,
-        }
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"gpu_{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def recorded(summary, check):
-    try:
-        yield
-    except BaseException as err:
-        summary[check] = {"passed": False, "error": str(err)[:400]}
-        raise
-    summary[check] = {"passed": True}
-
-
 @needs_cuda
 @pytest.mark.parametrize("layout", ["padded", "gathered", "packed"])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -608,7 +609,7 @@ def test_gpu_real_sizes(gpu_summary, layout, dtype, lq, lk):
         dropout_p=0.1 if dtype == torch.bfloat16 else 0.0,
         seed=lq + lk,
     )
-    with recorded(gpu_summary, f"real_sizes/{layout}/{dtype}/Lq={lq}/Lk={lk}"):
+    with gpu_summary.check(f"real_sizes/{layout}/{dtype}/Lq={lq}/Lk={lk}"):
         if layout == "packed":
             check_packed(c, device="cuda")
         else:
@@ -618,14 +619,14 @@ def test_gpu_real_sizes(gpu_summary, layout, dtype, lq, lk):
 @needs_cuda
 @pytest.mark.parametrize("layout, dropout_p", [("padded", 0.0), ("gathered", 0.0), ("packed", 0.0), ("padded", 0.1)])
 def test_gpu_opcheck(gpu_summary, layout, dropout_p):
-    with recorded(gpu_summary, f"opcheck/{layout}/dropout={dropout_p}"):
+    with gpu_summary.check(f"opcheck/{layout}/dropout={dropout_p}"):
         opcheck_both(op_args(layout, dropout_p, batch=4, length=200, heads=3, head_dim=64, device="cuda"))
 
 
 @needs_cuda
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_gpu_compile_inductor(gpu_summary, dropout_p):
-    with recorded(gpu_summary, f"compile_fullgraph_inductor/dropout={dropout_p}"):
+    with gpu_summary.check(f"compile_fullgraph_inductor/dropout={dropout_p}"):
         q, k, v, q_lens, k_lens = (t.cuda() for t in small_inputs(torch.bfloat16, length=300, head_dim=64))
         q.requires_grad_()
 
@@ -643,9 +644,11 @@ def test_gpu_compile_inductor(gpu_summary, dropout_p):
 @needs_cuda
 @pytest.mark.parametrize("backend", ["triton", "sdpa", "flex", "varlen", "xformers"])
 def test_gpu_backends_match_reference(gpu_summary, backend):
-    if not dispatch._runs_on(backend, "cuda"):
-        pytest.skip(dispatch._MISSING.get(backend, backend))
-    with recorded(gpu_summary, f"backend/{backend}"):
+    try:
+        dispatch.resolve_backend(backend, "cuda")
+    except ValueError as err:
+        pytest.skip(str(err))
+    with gpu_summary.check(f"backend/{backend}"):
         c = dict(batch=8, lq=77, lk=256, heads=12, head_dim=64, dtype=torch.bfloat16, seed=0)
         q, k, v, q_lens, k_lens, _, dout, _ = make_inputs(c, "cuda")
         got = run_kernel(lambda *a: (dispatch.attention(*a, backend=backend), None), q, k, v, q_lens, k_lens, dout=dout)

@@ -13,11 +13,11 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-# Shared with the attention kernel tests: NaN-poisoned allocations, bounds-checked interpreter
-# memory, the GPU summary and its marker.
-from test_kernels_attention import gpu_summary, in_bounds_memory, needs_cuda, poisoned_memory, recorded  # noqa: F401
+from tokdrop.kernels import rows, use_backend
 
-from tokdrop.kernels import rows
+needs_cuda = pytest.mark.needs_cuda
+# NaN-poisoned allocations and bounds-checked interpreter memory (conftest.py).
+pytestmark = pytest.mark.usefixtures("poisoned_memory", "in_bounds_memory")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -123,12 +123,23 @@ def test_compiles_fullgraph_on_cpu():
     )
 
 
-def test_public_functions_use_the_reference_on_cpu_and_check_inputs():
+def test_public_functions_follow_the_attention_backend_and_check_inputs(monkeypatch):
+    """The Triton row kernels under the triton backend (here the interpreter), the references under
+    the others (sdpa is the CPU default)."""
     saved, kept, idx, kept_lens = make_case(2, 12, 5, 8, torch.float32, torch.int64, 0)
-    assert torch.equal(rows.drop_tokens(saved, idx), rows.drop_tokens_reference(saved, idx))
-    assert torch.equal(
-        rows.restore_tokens(saved, kept, idx, kept_lens), rows.restore_tokens_reference(saved, kept, idx, kept_lens)
-    )
+    launched = []
+    for name in ("drop_tokens_op", "restore_tokens_op"):
+        op = getattr(rows, name)
+        monkeypatch.setattr(rows, name, lambda *args, op=op, name=name: launched.append(name) or op(*args))
+    for backend, kernels in (("sdpa", []), ("eager", []), ("triton", ["drop_tokens_op", "restore_tokens_op"])):
+        launched.clear()
+        with use_backend(backend):
+            assert torch.equal(rows.drop_tokens(saved, idx), rows.drop_tokens_reference(saved, idx))
+            assert torch.equal(
+                rows.restore_tokens(saved, kept, idx, kept_lens),
+                rows.restore_tokens_reference(saved, kept, idx, kept_lens),
+            )
+        assert launched == kernels, backend
     with pytest.raises(ValueError, match=r"x must be \[B, S, H\]"):
         rows.drop_tokens(saved[0], idx)
     with pytest.raises(TypeError, match="idx must be int32 or int64, got torch.float32"):
@@ -167,8 +178,8 @@ def test_kept_lens_beyond_the_slots_raise():
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seq_len, slots", [(512, 256), (1024, 154), (1024, 1024)])
-def test_gpu_real_sizes(gpu_summary, dtype, seq_len, slots):  # noqa: F811
-    with recorded(gpu_summary, f"rows/{dtype}/S={seq_len}/K={slots}"):
+def test_gpu_real_sizes(gpu_summary, dtype, seq_len, slots):
+    with gpu_summary.check(f"rows/{dtype}/S={seq_len}/K={slots}"):
         saved, kept, idx, kept_lens = make_case(32, seq_len, slots, 768, dtype, torch.int64, 0, "cuda")
         g_drop, g_restore = torch.randn_like(kept), torch.randn_like(saved)
         assert_identical(rows.drop_tokens, rows.drop_tokens_reference, [saved, idx], g_drop)
@@ -176,8 +187,8 @@ def test_gpu_real_sizes(gpu_summary, dtype, seq_len, slots):  # noqa: F811
 
 
 @needs_cuda
-def test_gpu_compile_inductor(gpu_summary):  # noqa: F811
-    with recorded(gpu_summary, "rows/compile_fullgraph_inductor"):
+def test_gpu_compile_inductor(gpu_summary):
+    with gpu_summary.check("rows/compile_fullgraph_inductor"):
         saved, kept, idx, kept_lens = make_case(8, 256, 128, 768, torch.bfloat16, torch.int64, 0, "cuda")
         saved.requires_grad_()
 

@@ -219,7 +219,7 @@ def test_encoders_reject_lengths_and_indices_outside_their_tensors():
         narrow(x, torch.tensor([0, 6]), torch.tensor([[0, 5], [1, 2]]), torch.tensor([2, 2]))
     with pytest.raises(ValueError, match="query_index and query_lens must be given together"):
         narrow(x, torch.tensor([6, 6]), torch.tensor([[0, 5], [1, 2]]))
-    with pytest.raises(ValueError, match="idx row 0 holds"):
+    with pytest.raises(ValueError, match="query_index row 0 holds"):
         narrow(x, torch.tensor([6, 6]), torch.tensor([[0, 6], [1, 2]]), torch.tensor([2, 2]))
     with pytest.raises(ValueError, match="sequence 1 has q_lens=3"):
         narrow(x, torch.tensor([6, 6]), torch.tensor([[0, 5], [1, 2]]), torch.tensor([2, 3]))

@@ -1,47 +1,47 @@
-"""Configurations: Hugging Face `BertConfig` field names plus the token-dropping and NarrowBERT modes."""
+"""Configurations: Hugging Face `BertConfig` field names plus the modes that spend compute only on the
+tokens that matter (token dropping, NarrowBERT, random-LTD)."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tokdrop.kernels.attention import BACKENDS
+import torch.nn.functional as F
+from torch import Tensor
+
+from tokdrop.checks import check_int, check_number, check_probability
+from tokdrop.kernels import backend_names
 
 IMPORTANCE_MODES = ("mlm_loss", "random")
+# Hugging Face's names of the feed-forward activations.
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
 # Training modes of a masked-LM model, as `with_mode` builds them.
 MODES = ("dense", "token_drop", "narrow", "random_ltd")
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_probability(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
-
-
-def check_keep(keep: Any) -> None:
+def check_keep(keep: Any, name: str = "keep") -> None:
     """`keep` is a fraction of each sequence's real tokens in (0, 1], or a fixed count (int >= 1)."""
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep must be a float fraction or an int count, got {keep!r}")
+        raise TypeError(f"{name} must be a float fraction or an int count, got {keep!r}")
     if isinstance(keep, float) and not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be in (0, 1] as a fraction, got {keep}")
+        raise ValueError(f"{name} must be in (0, 1] as a fraction, got {keep}")
     if isinstance(keep, int) and keep < 1:
-        raise ValueError(f"keep must be >= 1 as a token count, got {keep}")
+        raise ValueError(f"{name} must be >= 1 as a token count, got {keep}")
 
 
 def drop_schedule(num_layers: int, start_layer: int | None, end_layer: int | None) -> tuple[int, int]:
     """(cross layer, first full layer after the restore) of token dropping in `num_layers` layers;
     None picks the paper's: L/2 - 1 and L - 1."""
-    start = num_layers // 2 - 1 if start_layer is None else start_layer
+    start = max(0, num_layers // 2 - 1) if start_layer is None else start_layer
     end = num_layers - 1 if end_layer is None else end_layer
     if not 0 <= start < end <= num_layers:
         raise ValueError(
@@ -57,6 +57,11 @@ class TokenDropConfig:
     is the cross layer (kept queries over all keys/values); layers up to `end_layer` - 1 see kept
     tokens only; the kept outputs are then scattered back and layers from `end_layer` on are full.
     None picks the paper's schedule: start = L/2 - 1, end = L - 1.
+
+    importance "mlm_loss" keeps the tokens with the highest moving-average MLM loss of their id;
+    "random" keeps a random subset (one subset for the whole dropped block: not random-LTD, which
+    draws per layer, see RandomLTDConfig). `allow_ids` are always kept ([CLS], [SEP], [MASK], [UNK];
+    `tokdrop.special_token_ids` lists them for a tokenizer).
     """
 
     keep: float | int = 0.5
@@ -69,14 +74,18 @@ class TokenDropConfig:
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
+        for name in ("start_layer", "end_layer"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 0)
         if self.importance not in IMPORTANCE_MODES:
             raise ValueError(f"importance must be one of {IMPORTANCE_MODES}, got {self.importance!r}")
-        _check_probability("beta", self.beta)
-        if not math.isfinite(self.init_value):
-            raise ValueError(f"init_value must be finite, got {self.init_value}")
+        check_probability("beta", self.beta)
+        check_number("init_value", self.init_value)
+        if isinstance(self.allow_ids, (str, bytes)) or not isinstance(self.allow_ids, Sequence):
+            raise TypeError(f"allow_ids must be a sequence of token ids, got {self.allow_ids!r}")
         self.allow_ids = tuple(self.allow_ids)
         for token_id in self.allow_ids:
-            _check_int("allow_ids entry", token_id, 0)
+            check_int("allow_ids entry", token_id, 0)
 
 
 @dataclass
@@ -87,7 +96,32 @@ class NarrowConfig:
     full_layers: int = 2
 
     def __post_init__(self) -> None:
-        _check_int("full_layers", self.full_layers, 0)
+        check_int("full_layers", self.full_layers, 0)
+
+
+@dataclass
+class RandomLTDConfig:
+    """random-LTD (Yao et al. 2022): each of `layers` (None: every layer but the first and the last)
+    draws its own random subset of `keep` tokens per sequence (a fraction of each row's real tokens,
+    or a count); the kept tokens go through that layer attending only to each other, the others
+    bypass it unchanged. Training mode only. Subsets come from torch's random generator, so they
+    differ between data-parallel ranks seeded differently (as tokdrop pretrain seeds them)."""
+
+    keep: float | int = 0.5
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_keep(self.keep)
+        if self.layers is not None:
+            if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Sequence):
+                raise TypeError(f"layers must be a sequence of layer indices or None, got {self.layers!r}")
+            self.layers = tuple(self.layers)
+            for layer in self.layers:
+                check_int("layers entry", layer, 0)
+
+
+# The mode fields of BertConfig, and what a dict (as in config.json) in them becomes.
+_MODE_FIELDS = {"token_drop": TokenDropConfig, "narrow": NarrowConfig, "random_ltd": RandomLTDConfig}
 
 
 @dataclass
@@ -113,12 +147,19 @@ class BertConfig:
     attn_backend: str | None = None
     token_drop: TokenDropConfig | None = None
     narrow: NarrowConfig | None = None
+    random_ltd: RandomLTDConfig | None = None
+    # With labels, the masked-LM model runs its last layer's queries at the predicted positions only
+    # (keys and values from every token): the same loss for less compute. Without labels the layer
+    # is full.
+    last_layer_subset: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.token_drop, dict):
-            self.token_drop = TokenDropConfig(**self.token_drop)
-        if isinstance(self.narrow, dict):
-            self.narrow = NarrowConfig(**self.narrow)
+        for name, kind in _MODE_FIELDS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, kind(**value))
+            elif value is not None and not isinstance(value, kind):
+                raise TypeError(f"{name} must be a {kind.__name__}, a dict of its fields or None, got {value!r}")
         for name in (
             "vocab_size",
             "hidden_size",
@@ -129,42 +170,57 @@ class BertConfig:
             "type_vocab_size",
             "num_labels",
         ):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("pad_token_id", self.pad_token_id, 0)
+            check_int(name, getattr(self, name), 1)
+        check_int("pad_token_id", self.pad_token_id, 0)
         if self.pad_token_id >= self.vocab_size:
             raise ValueError(f"pad_token_id={self.pad_token_id} is outside vocab_size={self.vocab_size}")
-        if self.attn_backend is not None and self.attn_backend not in BACKENDS:
+        if self.attn_backend is not None and self.attn_backend not in backend_names():
             raise ValueError(
-                f"attn_backend={self.attn_backend!r} is not an attention backend; expected None or one of {BACKENDS}"
+                f"attn_backend={self.attn_backend!r} is not an attention backend; "
+                f"expected None or one of {backend_names()}"
             )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}"
             )
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
-        _check_probability("hidden_dropout_prob", self.hidden_dropout_prob)
-        _check_probability("attention_probs_dropout_prob", self.attention_probs_dropout_prob)
+            raise ValueError(f"hidden_act must be one of {tuple(ACTIVATIONS)}, got {self.hidden_act!r}")
+        check_number("initializer_range", self.initializer_range, positive=True)
+        check_number("layer_norm_eps", self.layer_norm_eps, positive=True)
+        check_probability("hidden_dropout_prob", self.hidden_dropout_prob)
+        check_probability("attention_probs_dropout_prob", self.attention_probs_dropout_prob)
         if self.classifier_dropout is not None:
-            _check_probability("classifier_dropout", self.classifier_dropout)
+            check_probability("classifier_dropout", self.classifier_dropout)
         if self.max_predictions_per_seq is not None:
-            _check_int("max_predictions_per_seq", self.max_predictions_per_seq, 1)
-        if self.token_drop is not None and self.narrow is not None:
-            raise ValueError("token_drop and narrow are exclusive modes; set at most one")
-        if self.token_drop is not None:
-            drop_schedule(self.num_hidden_layers, self.token_drop.start_layer, self.token_drop.end_layer)
-            if isinstance(self.token_drop.keep, int) and self.token_drop.keep > self.max_position_embeddings:
+            check_int("max_predictions_per_seq", self.max_predictions_per_seq, 1)
+        if not isinstance(self.last_layer_subset, bool):
+            raise TypeError(f"last_layer_subset must be True or False, got {self.last_layer_subset!r}")
+        modes = [name for name in _MODE_FIELDS if getattr(self, name) is not None]
+        if len(modes) > 1:
+            raise ValueError(f"{' and '.join(modes)} are exclusive modes; set at most one")
+        self._check_modes()
+
+    def _check_modes(self) -> None:
+        layers = self.num_hidden_layers
+        for name in ("token_drop", "random_ltd"):
+            mode = getattr(self, name)
+            if mode is not None and isinstance(mode.keep, int) and mode.keep > self.max_position_embeddings:
                 raise ValueError(
-                    f"keep={self.token_drop.keep} tokens exceeds max_position_embeddings={self.max_position_embeddings}"
+                    f"{name}.keep={mode.keep} tokens exceeds max_position_embeddings={self.max_position_embeddings}"
                 )
+        if self.token_drop is not None:
+            drop_schedule(layers, self.token_drop.start_layer, self.token_drop.end_layer)
             for token_id in self.token_drop.allow_ids:
                 if token_id >= self.vocab_size:
                     raise ValueError(f"allow_ids entry {token_id} is outside vocab_size={self.vocab_size}")
-        if self.narrow is not None and self.narrow.full_layers >= self.num_hidden_layers:
+        if self.narrow is not None and self.narrow.full_layers >= layers:
             raise ValueError(
-                f"narrow.full_layers={self.narrow.full_layers} leaves no narrow layer in "
-                f"num_hidden_layers={self.num_hidden_layers}"
+                f"narrow.full_layers={self.narrow.full_layers} leaves no narrow layer in num_hidden_layers={layers}"
             )
+        if self.random_ltd is not None and self.random_ltd.layers is not None:
+            outside = [i for i in self.random_ltd.layers if i >= layers]
+            if outside:
+                raise ValueError(f"random_ltd.layers {outside} are outside num_hidden_layers={layers}")
 
     @property
     def head_dim(self) -> int:
@@ -204,7 +260,7 @@ def with_mode(
 ) -> BertConfig:
     """`base` in one of `MODES`, whatever mode it had: dense; token dropping at `keep` (the paper's
     layers, `allow_ids` always kept); NarrowBERT after `full_layers`; random-LTD at `keep`."""
-    dense = dataclasses.replace(base, token_drop=None, narrow=None)
+    dense = dataclasses.replace(base, token_drop=None, narrow=None, random_ltd=None)
     if mode == "dense":
         return dense
     if mode == "token_drop":
@@ -212,9 +268,18 @@ def with_mode(
     if mode == "narrow":
         return dataclasses.replace(dense, narrow=NarrowConfig(full_layers=full_layers))
     if mode == "random_ltd":
-        drop = TokenDropConfig(keep=keep, importance="random", allow_ids=tuple(allow_ids))
-        return dataclasses.replace(dense, token_drop=drop)
+        return dataclasses.replace(dense, random_ltd=RandomLTDConfig(keep=keep))
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-__all__ = ["MODES", "BertConfig", "NarrowConfig", "TokenDropConfig", "check_keep", "drop_schedule", "with_mode"]
+__all__ = [
+    "ACTIVATIONS",
+    "MODES",
+    "BertConfig",
+    "NarrowConfig",
+    "RandomLTDConfig",
+    "TokenDropConfig",
+    "check_keep",
+    "drop_schedule",
+    "with_mode",
+]

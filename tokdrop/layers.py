@@ -1,6 +1,6 @@
-"""Building blocks for token dropping and NarrowBERT, usable on any encoder.
+"""Building blocks for token dropping, NarrowBERT and random-LTD, usable on any encoder.
 
-Layer protocol. `TokenDropEncoder` and `NarrowEncoder` wrap a stack of layers, each a callable
+Layer protocol. `Encoder` runs a stack of layers, each a callable
 
     layer(x, x_lens, kv=None, kv_lens=None) -> Tensor shaped like x
 
@@ -11,6 +11,23 @@ Layer protocol. `TokenDropEncoder` and `NarrowEncoder` wrap a stack of layers, e
 
 `BertLayer` below follows it. Padding rows may hold any finite values; nothing reads them.
 
+Layer plan. Each layer of an `Encoder` has a kind, and the kinds say which tokens it sees:
+
+    full     every token, self-attention
+    cross    the kept tokens (the `keep` best by importance score) are the queries, every token gives
+             keys and values; token dropping starts here, and the state here is saved
+    kept     the kept tokens only
+    narrow   the query tokens (query_index; every position without one) over keys and values from the
+             state at the first narrow layer, which stays fixed (NarrowBERT). A last narrow layer
+             after full ones runs the last layer at the predicted positions only
+    ltd      random-LTD: a fresh random subset of `keep` tokens per row runs the layer attending only
+             to each other; the other tokens bypass it unchanged
+
+cross and kept act only when importance scores are given and ltd only in training mode; otherwise
+they run as full layers. Dropped tokens are restored before the next layer that is not kept, and at
+the end: the kept outputs are scattered into the state saved at the cross layer, so dropped tokens
+carry that state.
+
 Index layout. Selections of positions are [B, K] index tensors plus per-row counts: the first
 counts[b] entries of row b are the selected positions in ascending order, and the rest are other
 positions of the same row, so every row of the index holds distinct positions and shapes stay static.
@@ -19,29 +36,23 @@ positions of the same row, so every row of the index holds distinct positions an
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokdrop.config import BertConfig, check_keep, drop_schedule
+from tokdrop.checks import check_int, check_number, check_probability
+from tokdrop.config import ACTIVATIONS, BertConfig, check_keep, drop_schedule
 from tokdrop.kernels import attention, drop_tokens, restore_tokens
-from tokdrop.kernels.validate import check_lengths
+from tokdrop.kernels.validate import check_index, check_lengths, check_range
+
+FULL, CROSS, KEPT, NARROW, LTD = "full", "cross", "kept", "narrow", "ltd"
+LAYER_KINDS = (FULL, CROSS, KEPT, NARROW, LTD)
 
 # A float keep fraction is turned into a count with ceil(keep * length); the slack absorbs binary
 # rounding such as 0.3 * 10 = 3.0000000000000004.
 _CEIL_SLACK = 1e-9
-
-_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
 
 
 def _eager() -> bool:
@@ -97,6 +108,7 @@ def select_tokens(scores: Tensor, lengths: Tensor, keep: float | int) -> tuple[T
     batch, seq_len = scores.shape
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must have shape ({batch},), got {tuple(lengths.shape)}")
+    check_range("lengths", lengths, 0, seq_len)
     size = max_kept(seq_len, keep)
     if _eager() and bool(scores.isnan().any()):
         raise ValueError("scores contain NaN")
@@ -117,7 +129,7 @@ class TokenImportance(nn.Module):
     are all-reduced over the default process group so every data-parallel rank holds the same
     table. Allow-listed ids are pinned to +inf and the padding id to -inf after every update.
 
-    mode "random" scores tokens uniformly at random instead (random-LTD), with the same pins.
+    mode "random" scores tokens uniformly at random instead, with the same pins.
     """
 
     def __init__(
@@ -131,8 +143,14 @@ class TokenImportance(nn.Module):
         pad_id: int | None = 0,
     ) -> None:
         super().__init__()
+        check_int("vocab_size", vocab_size, 1)
         if mode not in ("mlm_loss", "random"):
             raise ValueError(f"mode must be 'mlm_loss' or 'random', got {mode!r}")
+        check_probability("beta", beta)
+        check_number("init_value", init_value)
+        for name, ids in (("allow_ids", list(allow_ids)), ("pad_id", [] if pad_id is None else [pad_id])):
+            for token_id in ids:
+                check_int(f"{name} entry" if name == "allow_ids" else name, token_id, 0, vocab_size - 1)
         self.mode, self.beta, self.pad_id = mode, beta, pad_id
         self.register_buffer("table", torch.full((vocab_size,), float(init_value)))
         self.register_buffer("allow_ids", torch.tensor(list(allow_ids), dtype=torch.long), persistent=False)
@@ -146,6 +164,9 @@ class TokenImportance(nn.Module):
 
     def scores(self, input_ids: Tensor) -> Tensor:
         """Importance [B, S] of each token."""
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        check_range("token id", input_ids.flatten(), 0, self.table.shape[0] - 1)
         pinned = self.table[input_ids]
         if self.mode == "mlm_loss":
             return pinned
@@ -157,6 +178,8 @@ class TokenImportance(nn.Module):
         """Fold per-prediction losses into the table; labels < 0 are ignored."""
         if not self.training or self.mode != "mlm_loss":
             return
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
         if labels.shape != losses.shape:
             raise ValueError(f"labels {tuple(labels.shape)} and losses {tuple(losses.shape)} differ in shape")
         labels, losses = labels.reshape(-1), losses.reshape(-1).float()
@@ -208,7 +231,7 @@ class _Intermediate(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = _ACTIVATIONS[config.hidden_act]
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.dense(x))
@@ -220,13 +243,13 @@ class BertLayer(nn.Module):
     Full: layer(h, lens). Kept-only: layer(kept, kept_lens). Cross: layer(kept, kept_lens, h, lens).
     The lengths are trusted, not checked (a device sync per layer): the encoders check theirs once
     per forward, and the kernels clamp lengths to the tensors, so bad ones never read past them.
+    Attention runs on the backend of the model's forward pass (tokdrop.kernels.backends).
     """
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.attn_dropout = config.attention_probs_dropout_prob
-        self.attn_backend = config.attn_backend
         self.attention = _Attention(config)
         self.intermediate = _Intermediate(config)
         self.output = _DenseResidualNorm(config.intermediate_size, config.hidden_size, config)
@@ -243,21 +266,128 @@ class BertLayer(nn.Module):
             x_lens,
             kv_lens,
             dropout_p=self.attn_dropout if self.training else 0.0,
-            backend=self.attn_backend,
             validate=False,
         )
         x = self.attention.output(context.flatten(2), x)
         return self.output(self.intermediate(x), x)
 
 
-class TokenDropEncoder(nn.Module):
-    """Run a layer stack with token dropping (the paper's schedule by default; see TokenDropConfig).
+def token_drop_plan(num_layers: int, start_layer: int | None = None, end_layer: int | None = None) -> tuple[str, ...]:
+    """Token dropping's plan: full layers, the cross layer at `start_layer`, kept layers up to
+    `end_layer`, full layers after (None: the paper's L/2 - 1 and L - 1)."""
+    start, end = drop_schedule(num_layers, start_layer, end_layer)
+    return (FULL,) * start + (CROSS,) + (KEPT,) * (end - start - 1) + (FULL,) * (num_layers - end)
+
+
+def narrow_plan(num_layers: int, full_layers: int = 2) -> tuple[str, ...]:
+    """NarrowBERT's plan: `full_layers` full layers, then narrow ones."""
+    if not 0 <= full_layers < num_layers:
+        raise ValueError(f"full_layers must be in [0, {num_layers}), got {full_layers}")
+    return (FULL,) * full_layers + (NARROW,) * (num_layers - full_layers)
+
+
+def random_ltd_plan(num_layers: int, layers: Sequence[int] | None = None) -> tuple[str, ...]:
+    """random-LTD's plan: `layers` (None: all but the first and the last) draw their own tokens."""
+    chosen = set(range(1, num_layers - 1) if layers is None else layers)
+    return tuple(LTD if i in chosen else FULL for i in range(num_layers))
+
+
+def check_plan(plan: Sequence[str]) -> None:
+    """Kinds are LAYER_KINDS; kept layers follow a cross layer; after a narrow layer only narrow ones."""
+    for i, kind in enumerate(plan):
+        if kind not in LAYER_KINDS:
+            raise ValueError(f"layer {i} has kind {kind!r}; expected one of {LAYER_KINDS}")
+        if kind == KEPT and (i == 0 or plan[i - 1] not in (CROSS, KEPT)):
+            raise ValueError(f"layer {i} is 'kept' but does not follow a 'cross' or 'kept' layer: {tuple(plan)}")
+        if i and plan[i - 1] == NARROW and kind != NARROW:
+            raise ValueError(f"layer {i} is {kind!r} after a 'narrow' layer; only 'narrow' can follow: {tuple(plan)}")
+
+
+class Encoder(nn.Module):
+    """Run a stack of layers (the layer protocol) by a plan of one kind per layer (module docstring).
+
+    forward(hidden [B, S, H], lengths [B], *, scores [B, S] or None, query_index [B, M] or None,
+    query_lens [B] or None) -> [B, S, H], or [B, M, H] at the query positions when query_index is
+    given. `keep` (a fraction of each row's real tokens, or a count) sets how many tokens the cross,
+    kept and ltd layers see; it may change between calls.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], plan: Sequence[str], keep: float | int = 0.5) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(layers)
+        if len(plan) != len(self.layer):
+            raise ValueError(f"the plan has {len(plan)} kinds for {len(self.layer)} layers")
+        check_plan(plan)
+        check_keep(keep)
+        self.plan, self.keep = tuple(plan), keep
+
+    def extra_repr(self) -> str:
+        return f"plan={self.plan}, keep={self.keep}"
+
+    def forward(
+        self,
+        hidden: Tensor,
+        lengths: Tensor,
+        *,
+        scores: Tensor | None = None,
+        query_index: Tensor | None = None,
+        query_lens: Tensor | None = None,
+    ) -> Tensor:
+        seq_len = hidden.shape[1]
+        check_lengths(lengths, lengths, seq_len, seq_len)
+        if (query_index is None) != (query_lens is None):
+            raise ValueError("query_index and query_lens must be given together")
+        if query_index is not None:
+            check_lengths(query_lens, lengths, query_index.shape[1], seq_len)
+            check_index("query_index", query_index, seq_len, query_lens)
+        if scores is not None and scores.shape != hidden.shape[:2]:
+            raise ValueError(f"scores have shape {tuple(scores.shape)}, the hidden states {tuple(hidden.shape[:2])}")
+
+        saved = kept = index = kept_lens = None  # while tokens are dropped
+        queries = context = None  # from the first narrow layer on
+        for layer, kind in zip(self.layer, self.plan, strict=True):
+            if kind == KEPT and kept is not None:
+                kept = layer(kept, kept_lens)
+                continue
+            if kept is not None:
+                hidden, kept = restore_tokens(saved, kept, index, kept_lens, validate=False), None
+            if kind == CROSS and scores is not None:
+                index, kept_lens = select_tokens(scores, lengths, self.keep)
+                saved = hidden
+                kept = layer(drop_tokens(hidden, index, validate=False), kept_lens, hidden, lengths)
+            elif kind == LTD and self.training:
+                index, kept_lens = select_tokens(
+                    torch.rand(hidden.shape[:2], device=hidden.device), lengths, self._ltd_keep(seq_len)
+                )
+                subset = layer(drop_tokens(hidden, index, validate=False), kept_lens)
+                hidden = restore_tokens(hidden, subset, index, kept_lens, validate=False)
+            elif kind == NARROW:
+                if queries is None:
+                    context = hidden
+                    queries, query_lens = (
+                        (hidden, lengths)
+                        if query_index is None
+                        else (drop_tokens(hidden, query_index, validate=False), query_lens)
+                    )
+                queries = layer(queries, query_lens, context, lengths)
+            else:
+                hidden = layer(hidden, lengths)
+        if kept is not None:
+            hidden = restore_tokens(saved, kept, index, kept_lens, validate=False)
+        if queries is not None:
+            return queries
+        return hidden if query_index is None else drop_tokens(hidden, query_index, validate=False)
+
+    def _ltd_keep(self, seq_len: int) -> float | int:
+        """A kept count larger than this batch's rows keeps them whole."""
+        return min(self.keep, seq_len) if isinstance(self.keep, int) else self.keep
+
+
+class TokenDropEncoder(Encoder):
+    """An `Encoder` with token dropping (the paper's schedule by default; see TokenDropConfig).
 
     forward(hidden [B, S, H], lengths [B], scores [B, S] or None) -> [B, S, H]. With scores None
-    every layer runs on the full sequence. With scores, layers [0, start) run full; layer `start`
-    is the cross layer (kept queries over all keys/values); layers (start, end) run on the kept
-    tokens only; their outputs are scattered into the state saved at the drop point, where dropped
-    tokens keep that stale state; layers [end, L) run full.
+    every layer runs on the full sequence.
     """
 
     def __init__(
@@ -267,75 +397,44 @@ class TokenDropEncoder(nn.Module):
         start_layer: int | None = None,
         end_layer: int | None = None,
     ) -> None:
-        super().__init__()
-        check_keep(keep)
-        self.layer = nn.ModuleList(layers)
-        self.keep = keep
-        self.start, self.end = drop_schedule(len(self.layer), start_layer, end_layer)
+        super().__init__(layers, token_drop_plan(len(layers), start_layer, end_layer), keep)
 
-    def forward(self, hidden: Tensor, lengths: Tensor, scores: Tensor | None = None) -> Tensor:
-        check_lengths(lengths, lengths, hidden.shape[1], hidden.shape[1])
-        if scores is None:
-            for layer in self.layer:
-                hidden = layer(hidden, lengths)
-            return hidden
-        for layer in self.layer[: self.start]:
-            hidden = layer(hidden, lengths)
-        index, kept_lens = select_tokens(scores, lengths, self.keep)
-        kept = self.layer[self.start](drop_tokens(hidden, index, validate=False), kept_lens, hidden, lengths)
-        for layer in self.layer[self.start + 1 : self.end]:
-            kept = layer(kept, kept_lens)
-        hidden = restore_tokens(hidden, kept, index, kept_lens, validate=False)
-        for layer in self.layer[self.end :]:
-            hidden = layer(hidden, lengths)
-        return hidden
+    def forward(self, hidden: Tensor, lengths: Tensor, scores: Tensor | None = None, **queries: Tensor) -> Tensor:
+        return super().forward(hidden, lengths, scores=scores, **queries)
 
 
-class NarrowEncoder(nn.Module):
-    """NarrowBERT: `full_layers` ordinary layers give E [B, S, H]; every later layer updates only the
-    query tokens, projecting its keys and values from the fixed E.
+class NarrowEncoder(Encoder):
+    """An `Encoder` in NarrowBERT's plan: `full_layers` full layers give E [B, S, H]; every later
+    layer updates only the query tokens, projecting its keys and values from the fixed E.
 
     forward(hidden, lengths, query_index [B, M] or None, query_lens [B] or None) -> [B, M, H] (or
     [B, S, H] with every position a query when query_index is None).
     """
 
     def __init__(self, layers: Sequence[nn.Module], full_layers: int = 2) -> None:
-        super().__init__()
-        self.layer = nn.ModuleList(layers)
-        if not 0 <= full_layers < len(self.layer):
-            raise ValueError(f"full_layers must be in [0, {len(self.layer)}), got {full_layers}")
-        self.full_layers = full_layers
+        super().__init__(layers, narrow_plan(len(layers), full_layers))
 
     def forward(
         self, hidden: Tensor, lengths: Tensor, query_index: Tensor | None = None, query_lens: Tensor | None = None
     ) -> Tensor:
-        if (query_index is None) != (query_lens is None):
-            raise ValueError("query_index and query_lens must be given together")
-        seq_len = hidden.shape[1]
-        if query_index is None:
-            check_lengths(lengths, lengths, seq_len, seq_len)
-        else:
-            check_lengths(query_lens, lengths, query_index.shape[1], seq_len)
-        for layer in self.layer[: self.full_layers]:
-            hidden = layer(hidden, lengths)
-        if query_index is None:
-            queries, query_lens = hidden, lengths
-        else:
-            queries = drop_tokens(hidden, query_index)
-        for layer in self.layer[self.full_layers :]:
-            queries = layer(queries, query_lens, hidden, lengths)
-        return queries
+        return super().forward(hidden, lengths, query_index=query_index, query_lens=query_lens)
 
 
 __all__ = [
+    "LAYER_KINDS",
     "BertLayer",
+    "Encoder",
     "NarrowEncoder",
     "TokenDropEncoder",
     "TokenImportance",
+    "check_plan",
     "drop_tokens",
     "kept_counts",
     "max_kept",
+    "narrow_plan",
     "pack_positions",
+    "random_ltd_plan",
     "restore_tokens",
     "select_tokens",
+    "token_drop_plan",
 ]

@@ -1,4 +1,13 @@
-"""BERT encoders with token dropping and NarrowBERT, parameter-compatible with Hugging Face BERT."""
+"""BERT encoders with token dropping, NarrowBERT and random-LTD, parameter-compatible with Hugging
+Face BERT.
+
+A forward pass, from BertForMaskedLM.forward down: the inputs are checked; the predicted positions
+are packed into static slots; BertModel.encode embeds the tokens, picks the attention backend once
+(tokdrop.kernels: the config's request, `use_backend` or $TOKDROP_ATTENTION) and runs the Encoder,
+whose layer plan (tokdrop.layers) follows the config's mode; each BertLayer calls
+tokdrop.kernels.attention, which runs the chosen backend (the Triton kernels on CUDA by default);
+the MLM head decodes the predicted positions only.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokdrop.config import BertConfig
+from tokdrop.config import ACTIVATIONS, BertConfig
 from tokdrop.hf_checkpoint import PretrainedMixin
+from tokdrop.kernels import Backend, active_backend, resolve_backend
 from tokdrop.layers import (
-    _ACTIVATIONS,
+    FULL,
+    NARROW,
     BertLayer,
-    NarrowEncoder,
-    TokenDropEncoder,
+    Encoder,
     TokenImportance,
-    _eager,
-    drop_tokens,
+    narrow_plan,
     pack_positions,
+    random_ltd_plan,
+    token_drop_plan,
 )
 
 IGNORE_INDEX = -100
@@ -55,7 +66,7 @@ def check_inputs(
     seq_len = input_ids.shape[1]
     if seq_len > config.max_position_embeddings:
         raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings={config.max_position_embeddings}")
-    if not _eager():
+    if torch.compiler.is_compiling():
         return
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= config.vocab_size:
@@ -93,7 +104,7 @@ def check_labels(labels: object, shape: tuple[int, ...], low: int, high: int) ->
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if tuple(labels.shape) != shape:
         raise ValueError(f"labels must have shape {shape}, got {tuple(labels.shape)}")
-    if _eager():
+    if not torch.compiler.is_compiling():
         bad = labels[((labels < low) | (labels >= high)) & (labels != IGNORE_INDEX)]
         if len(bad):
             raise ValueError(f"labels must be in [{low}, {high}) or {IGNORE_INDEX}, got {int(bad[0])}")
@@ -141,9 +152,25 @@ def init_bert_weights(module: nn.Module, std: float) -> None:
         nn.init.zeros_(module.bias)
 
 
+def layer_plan(config: BertConfig) -> tuple[str, ...]:
+    """The kind of each encoder layer (see tokdrop.layers) in the config's mode."""
+    layers = config.num_hidden_layers
+    if config.narrow is not None:
+        return narrow_plan(layers, config.narrow.full_layers)
+    if config.token_drop is not None:
+        plan = token_drop_plan(layers, config.token_drop.start_layer, config.token_drop.end_layer)
+    elif config.random_ltd is not None:
+        plan = random_ltd_plan(layers, config.random_ltd.layers)
+    else:
+        plan = (FULL,) * layers
+    if config.last_layer_subset and plan[-1] == FULL:
+        plan = (*plan[:-1], NARROW)  # a full layer where no queries are given
+    return plan
+
+
 class BertModel(PretrainedMixin, nn.Module):
-    """BERT encoder. Token dropping (config.token_drop) acts in training mode only; NarrowBERT
-    (config.narrow) shapes the encoder in every mode."""
+    """BERT encoder. Token dropping (config.token_drop) and random-LTD (config.random_ltd) act in
+    training mode only; NarrowBERT (config.narrow) shapes the encoder in every mode."""
 
     checkpoint_prefix = ""
     optional_keys = ("pooler.",)
@@ -152,14 +179,13 @@ class BertModel(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
-        layers = [BertLayer(config) for _ in range(config.num_hidden_layers)]
         drop = config.token_drop
-        if config.narrow is not None:
-            self.encoder = NarrowEncoder(layers, config.narrow.full_layers)
-        elif drop is not None:
-            self.encoder = TokenDropEncoder(layers, drop.keep, drop.start_layer, drop.end_layer)
-        else:
-            self.encoder = TokenDropEncoder(layers)
+        mode = drop or config.random_ltd
+        self.encoder = Encoder(
+            [BertLayer(config) for _ in range(config.num_hidden_layers)],
+            layer_plan(config),
+            keep=0.5 if mode is None else mode.keep,
+        )
         self.token_importance = (
             None
             if drop is None
@@ -174,6 +200,19 @@ class BertModel(PretrainedMixin, nn.Module):
         )
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.apply(lambda module: init_bert_weights(module, config.initializer_range))
+
+    def attention_backend(self, device_type: str | None = None) -> Backend:
+        """The attention backend a forward pass on `device_type` (default: the weights' device) runs."""
+        weight = self.embeddings.word_embeddings.weight
+        device_type = device_type or weight.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        return resolve_backend(self.config.attn_backend, device_type, dtype, self.config.head_dim)
+
+    def extra_repr(self) -> str:
+        try:
+            return f"attention={self.attention_backend()!r}"
+        except ValueError as err:  # a backend that cannot run here: say so rather than fail
+            return f"attention unavailable: {err}"
 
     def forward(
         self,
@@ -213,20 +252,16 @@ class BertModel(PretrainedMixin, nn.Module):
             lengths = torch.full((batch,), seq_len, dtype=torch.long, device=input_ids.device)
         else:
             lengths = attention_mask.sum(dim=1, dtype=torch.long)
+        scores = None
+        if self.training and self.token_importance is not None:
+            if token_scores is not None and token_scores.shape != input_ids.shape:
+                raise ValueError(
+                    f"token_scores has shape {tuple(token_scores.shape)} but input_ids has {tuple(input_ids.shape)}"
+                )
+            scores = self.token_importance.scores(input_ids) if token_scores is None else token_scores
         hidden = self.embeddings(input_ids, token_type_ids)
-        if isinstance(self.encoder, NarrowEncoder):
-            hidden = self.encoder(hidden, lengths, query_index, query_lens)
-        else:
-            scores = None
-            if self.training and self.token_importance is not None:
-                if token_scores is not None and token_scores.shape != input_ids.shape:
-                    raise ValueError(
-                        f"token_scores has shape {tuple(token_scores.shape)} but input_ids has {tuple(input_ids.shape)}"
-                    )
-                scores = self.token_importance.scores(input_ids) if token_scores is None else token_scores
-            hidden = self.encoder(hidden, lengths, scores)
-            if query_index is not None:
-                hidden = drop_tokens(hidden, query_index)
+        with active_backend(self.attention_backend(input_ids.device.type)):
+            hidden = self.encoder(hidden, lengths, scores=scores, query_index=query_index, query_lens=query_lens)
         pooled = None if self.pooler is None else self.pooler(hidden[:, 0])
         return BertOutput(hidden, pooled)
 
@@ -237,7 +272,7 @@ class BertLMPredictionHead(nn.Module):
         self.transform = nn.Module()
         self.transform.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.transform.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.act = _ACTIVATIONS[config.hidden_act]
+        self.act = ACTIVATIONS[config.hidden_act]
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.decoder.weight = word_embeddings.weight  # tied, as in BERT
@@ -316,7 +351,7 @@ class BertForMaskedLM(PretrainedMixin, nn.Module):
 
 class BertForSequenceClassification(PretrainedMixin, nn.Module):
     """[CLS] classification (regression when num_labels == 1). Fine-tuning runs the full encoder:
-    token dropping is a pretraining mode. In NarrowBERT mode [CLS] is the only query."""
+    token dropping and random-LTD are pretraining modes. In NarrowBERT mode [CLS] is the only query."""
 
     checkpoint_prefix = "bert."
     optional_keys = ("classifier.", "bert.pooler.")
@@ -324,7 +359,7 @@ class BertForSequenceClassification(PretrainedMixin, nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.config = config
-        self.bert = BertModel(dataclasses.replace(config, token_drop=None))
+        self.bert = BertModel(dataclasses.replace(config, token_drop=None, random_ltd=None))
         dropout = config.hidden_dropout_prob if config.classifier_dropout is None else config.classifier_dropout
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
@@ -365,6 +400,7 @@ __all__ = [
     "BertForMaskedLM",
     "BertForSequenceClassification",
     "BertModel",
+    "layer_plan",
     "BertOutput",
     "MaskedLMOutput",
     "SequenceClassifierOutput",

@@ -1,6 +1,7 @@
-"""Triton flash attention over query subsets: variable lengths, no causal mask, forward and backward.
+"""Attention over query subsets: variable lengths, no causal mask, forward and backward.
 
-One kernel family serves three layouts through strides and compile-time flags:
+The float64-capable PyTorch reference, the Triton flash-attention kernels, their registration as
+torch ops and the public functions, in one file. One kernel family serves three layouts:
 
     padded    q [B, Lq, NH, D], k/v [B, Lk, NH, D], q_lens/k_lens [B]
               -> out [B, Lq, NH, D] (rows >= q_lens[b] exactly 0), lse [B, NH, Lq] (0 on padding)
@@ -15,6 +16,10 @@ the tensors' rows in the kernels, so they never reach past them.
 lse is the natural-log log-sum-exp of the scaled scores, in float32. Accumulation is float32 for
 float32/float16/bfloat16 inputs; float32 matmuls run in IEEE precision (no TF32).
 
+The gathered layout (a query gather fused into the kernels) is kept on trial: the models gather
+first, since the residual, LayerNorm and FFN need the gathered rows anyway, and the fused variant
+stays only if a GPU measurement (perf/bench_attention.py, `query_gather`) shows it faster.
+
 Attention dropout draws Philox numbers keyed by (seed, b * NH + h, query slot, key position), so the
 backward pass regenerates the forward mask; `dropout_keep_mask` materialises it for tests.
 Query blocks without valid queries skip the key loop (q_lens 0 costs no compute), and key blocks
@@ -22,32 +27,152 @@ without valid keys skip the query loop; both still write their zeros.
 
 The kernels are registered as the custom ops ``tokdrop::attention_fwd`` / ``tokdrop::attention_bwd``
 (fake + autograd), opaque to torch.compile, so fullgraph compilation sees no graph break and the
-same registration runs on CPU under TRITON_INTERPRET=1.
+same registration runs on CPU under TRITON_INTERPRET=1. Without Triton installed the reference
+still works; the kernels are then never launched.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+import torch.nn.functional as F
 from torch import Tensor
 
 from .validate import check_cu_seqlens, check_index, check_lengths
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
+
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Softmax runs in base 2 (exp2 is the fast path on GPUs): exp(x) == exp2(x * LOG2E).
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+
+# --------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------
+
+
+def length_masks(q_lens: Tensor, k_lens: Tensor, lq: int, lk: int) -> tuple[Tensor, Tensor]:
+    """Boolean [B, Lq] valid-query and [B, Lk] visible-key masks.
+
+    A row without keys sees all of them instead: its queries are zeroed anyway, and a fully masked
+    softmax row would put NaN into the backward pass.
+    """
+    q_valid = torch.arange(lq, device=q_lens.device) < q_lens[:, None]
+    k_visible = torch.arange(lk, device=k_lens.device) < k_lens[:, None]
+    k_visible = k_visible | (k_lens == 0)[:, None]
+    return q_valid, k_visible
+
+
+def attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_lens: Tensor,
+    k_lens: Tensor,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Tensor | None = None,
+) -> Tensor:
+    """Plain PyTorch attention in the padded layout (any dtype, float64 included); softmax in at least
+    float32.
+
+    dropout_mask: bool [B, NH, Lq, Lk] keep-mask to use instead of drawing one (kept probabilities
+    are scaled by 1 / (1 - dropout_p)), e.g. a kernel's mask to check its dropout against.
+    """
+    lq, lk, d = q.shape[1], k.shape[1], q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    q_valid, k_visible = length_masks(q_lens, k_lens, lq, lk)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    scores = scores.masked_fill(~k_visible[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
+    if dropout_mask is None:
+        probs = F.dropout(probs, p=dropout_p)
+    else:
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    probs = probs.to(v.dtype)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    return out.masked_fill(~q_valid[:, :, None, None], 0.0)
+
+
+def padded_positions(cu_seqlens: Tensor, rows: int, max_seqlen: int) -> tuple[Tensor, Tensor]:
+    """For packed rows [T] of the sequences cu_seqlens [B+1]: each row's flat index into a padded
+    [B, max_seqlen] layout (rows past cu_seqlens[-1] go to a spare slot B * max_seqlen), and the
+    per-sequence lengths [B]."""
+    lens = cu_seqlens.diff()
+    batch = lens.shape[0]
+    row = torch.arange(rows, device=cu_seqlens.device)
+    seq = torch.bucketize(row, cu_seqlens[1:], right=True).clamp(max=batch - 1)
+    offset = row - cu_seqlens[seq]
+    inside = row < cu_seqlens[-1]
+    return torch.where(inside, seq * max_seqlen + offset, batch * max_seqlen), lens
+
+
+def packed_via_padded(padded_fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs):
+    """Packed-layout attention (q [Tq, NH, D], k/v [Tk, NH, D]) from a padded-layout
+    padded_fn(q, k, v, q_lens, k_lens, **kwargs): scatter into [B, max_seqlen, NH, D], run, gather
+    back. Rows past cu_seqlens_q[-1] come out zero."""
+    batch = cu_seqlens_q.shape[0] - 1
+
+    def pad(x, cu_seqlens, max_seqlen):
+        where, lens = padded_positions(cu_seqlens, x.shape[0], max_seqlen)
+        slots = x.new_zeros((batch * max_seqlen + 1, *x.shape[1:])).index_copy(0, where, x)
+        return slots[:-1].unflatten(0, (batch, max_seqlen)), where, lens
+
+    q_pad, q_where, q_lens = pad(q, cu_seqlens_q, max_seqlen_q)
+    k_pad, _, k_lens = pad(k, cu_seqlens_k, max_seqlen_k)
+    v_pad, _, _ = pad(v, cu_seqlens_k, max_seqlen_k)
+    out = padded_fn(q_pad, k_pad, v_pad, q_lens, k_lens, **kwargs)
+    return F.pad(out.flatten(0, 1), (0, 0, 0, 0, 0, 1))[q_where]
+
+
+def attention_reference_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """`attention_reference` in the packed layout of `triton_attention_varlen` (output only)."""
+    return packed_via_padded(
+        attention_reference,
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale=scale,
+        dropout_p=dropout_p,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
 
+_jit = (lambda fn: fn) if triton is None else triton.jit
 
-@triton.jit
+
+def _constexpr(value):
+    return value if tl is None else tl.constexpr(value)
+
+
+# Softmax runs in base 2 (exp2 is the fast path on GPUs): exp(x) == exp2(x * LOG2E).
+LOG2E = _constexpr(1.4426950408889634)
+LN2 = _constexpr(0.6931471805599453)
+
+
+@_jit
 def _seq_bounds(SEQ, b, ROWS, PACKED: tl.constexpr):
     """(first token, length) of sequence b: SEQ holds cumulative offsets when packed, else lengths.
     Padded lengths are clamped to the ROWS of the tensor, so unchecked lengths never read past it."""
@@ -60,7 +185,7 @@ def _seq_bounds(SEQ, b, ROWS, PACKED: tl.constexpr):
     return start, length
 
 
-@triton.jit
+@_jit
 def _program_block(ROWS, NH, BLOCK: tl.constexpr):
     """(b * NH + h, b, h, first row) of this program's block: programs run over (b, h, row block)."""
     blocks = tl.cdiv(ROWS, BLOCK)
@@ -68,7 +193,18 @@ def _program_block(ROWS, NH, BLOCK: tl.constexpr):
     return bh, bh // NH, bh % NH, (tl.program_id(0) % blocks) * BLOCK
 
 
-@triton.jit
+@_jit
+def _writable(rows, length, ROWS, ONLY_VALID: tl.constexpr):
+    """Rows a program stores: only its sequence's valid rows where other data shares the tensor
+    (the packed layout; dq of a gathered query), else every row, so that padding gets its zeros."""
+    if ONLY_VALID:
+        ok = rows < length
+    else:
+        ok = rows < ROWS
+    return ok
+
+
+@_jit
 def _query_tokens(Q_INDEX, b, sib, q_start, rows, row_ok, GATHER_Q: tl.constexpr):
     """Token row of each query slot in q: looked up in q_index when the gather is fused."""
     if GATHER_Q:
@@ -78,13 +214,13 @@ def _query_tokens(Q_INDEX, b, sib, q_start, rows, row_ok, GATHER_Q: tl.constexpr
     return tokens
 
 
-@triton.jit
+@_jit
 def _dropout_keep(seed, dropout_p, bh, q_slot, k_pos, MAX_K):
     """Keep-mask shaped like q_slot + k_pos; a pure function of its arguments."""
     return tl.rand(seed + bh, q_slot * MAX_K + k_pos) >= dropout_p
 
 
-@triton.jit
+@_jit
 def _dot(a, b):
     """a @ b in float32. The Triton interpreter multiplies bfloat16 tiles as raw integers, so it gets
     float32 copies: the same numbers, since bf16 products are exact in fp32 as on the GPU."""
@@ -95,11 +231,11 @@ def _dot(a, b):
 
 
 # TRITON_INTERPRET=1, set before these kernels were defined, makes them CPU-runnable interpreters.
-INTERPRETED = not isinstance(_dot, triton.runtime.JITFunction)
-_UPCAST_DOTS = tl.constexpr(INTERPRETED)
+INTERPRETED = triton is not None and not isinstance(_dot, triton.runtime.JITFunction)
+_UPCAST_DOTS = _constexpr(INTERPRETED)
 
 
-@triton.jit
+@_jit
 def _attn_fwd_kernel(
     Q,
     K,
@@ -115,19 +251,15 @@ def _attn_fwd_kernel(
     sqb,
     sqt,
     sqh,
-    sqd,
     skb,
     skt,
     skh,
-    skd,
     svb,
     svt,
     svh,
-    svd,
     sob,
     sot,
     soh,
-    sod,
     slb,
     slh,
     slt,
@@ -151,7 +283,7 @@ def _attn_fwd_kernel(
     row_ok = rows < q_len
     dims = tl.arange(0, HEAD_DIM)
     q_tok = _query_tokens(Q_INDEX, b, sib, q_start, rows, row_ok, GATHER_Q)
-    q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqt + dims[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqt + dims[None, :], mask=row_ok[:, None], other=0.0)
     K += b * skb + h * skh + k_start * skt
     V += b * svb + h * svh + k_start * svt
     if DROPOUT:
@@ -165,7 +297,7 @@ def _attn_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < k_len
-        kt = tl.load(K + cols[None, :] * skt + dims[:, None] * skd, mask=col_ok[None, :], other=0.0)
+        kt = tl.load(K + cols[None, :] * skt + dims[:, None], mask=col_ok[None, :], other=0.0)
         s = _dot(q, kt) * qk_scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -175,7 +307,7 @@ def _attn_fwd_kernel(
         if DROPOUT:
             # The normaliser l_i sums the kept and the dropped probabilities alike.
             p = tl.where(_dropout_keep(seed, dropout_p, bh, rows[:, None], cols[None, :], MAX_K), p, 0.0)
-        v = tl.load(V + cols[:, None] * svt + dims[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + cols[:, None] * svt + dims[None, :], mask=col_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
         m_i = m_new
     if DROPOUT:
@@ -184,20 +316,17 @@ def _attn_fwd_kernel(
     l_safe = tl.where(row_ok, l_i, 1.0)
     out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(row_ok, (m_i + tl.log2(l_safe)) * LN2, 0.0)
-    if PACKED:
-        store_ok = row_ok  # rows past the sequence belong to the next one
-    else:
-        store_ok = rows < MAX_Q  # padding rows get their zeros
+    store_ok = _writable(rows, q_len, MAX_Q, PACKED)
     o_rows = q_start + rows
     tl.store(
-        Out + b * sob + h * soh + o_rows[:, None] * sot + dims[None, :] * sod,
+        Out + b * sob + h * soh + o_rows[:, None] * sot + dims[None, :],
         out.to(Out.dtype.element_ty),
         mask=store_ok[:, None],
     )
     tl.store(LSE + b * slb + h * slh + o_rows * slt, lse, mask=store_ok)
 
 
-@triton.jit
+@_jit
 def _attn_bwd_preprocess_kernel(
     Out,
     DO,
@@ -206,11 +335,9 @@ def _attn_bwd_preprocess_kernel(
     sob,
     sot,
     soh,
-    sod,
     sdb,
     sdt,
     sdh,
-    sdd,
     slb,
     slh,
     slt,
@@ -227,17 +354,14 @@ def _attn_bwd_preprocess_kernel(
     row_ok = rows < q_len
     dims = tl.arange(0, HEAD_DIM)
     o_rows = q_start + rows
-    o = tl.load(Out + b * sob + h * soh + o_rows[:, None] * sot + dims[None, :] * sod, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + o_rows[:, None] * sdt + dims[None, :] * sdd, mask=row_ok[:, None], other=0.0)
+    o = tl.load(Out + b * sob + h * soh + o_rows[:, None] * sot + dims[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + o_rows[:, None] * sdt + dims[None, :], mask=row_ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if PACKED:
-        store_ok = row_ok
-    else:
-        store_ok = rows < MAX_Q
+    store_ok = _writable(rows, q_len, MAX_Q, PACKED)
     tl.store(DELTA + b * slb + h * slh + o_rows * slt, delta, mask=store_ok)
 
 
-@triton.jit
+@_jit
 def _attn_bwd_dkdv_kernel(
     Q,
     K,
@@ -256,27 +380,21 @@ def _attn_bwd_dkdv_kernel(
     sqb,
     sqt,
     sqh,
-    sqd,
     skb,
     skt,
     skh,
-    skd,
     svb,
     svt,
     svh,
-    svd,
     sdb,
     sdt,
     sdh,
-    sdd,
     sdkb,
     sdkt,
     sdkh,
-    sdkd,
     sdvb,
     sdvt,
     sdvh,
-    sdvd,
     slb,
     slh,
     slt,
@@ -300,8 +418,8 @@ def _attn_bwd_dkdv_kernel(
     col_ok = cols < k_len
     dims = tl.arange(0, HEAD_DIM)
     k_rows = k_start + cols
-    k = tl.load(K + b * skb + h * skh + k_rows[:, None] * skt + dims[None, :] * skd, mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * svb + h * svh + k_rows[:, None] * svt + dims[None, :] * svd, mask=col_ok[:, None], other=0.0)
+    k = tl.load(K + b * skb + h * skh + k_rows[:, None] * skt + dims[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * svb + h * svh + k_rows[:, None] * svt + dims[None, :], mask=col_ok[:, None], other=0.0)
     Q += b * sqb + h * sqh
     DO += b * sdb + h * sdh + q_start * sdt
     LSE += b * slb + h * slh + q_start * slt
@@ -318,8 +436,8 @@ def _attn_bwd_dkdv_kernel(
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < q_len
         q_tok = _query_tokens(Q_INDEX, b, sib, q_start, rows, row_ok, GATHER_Q)
-        q = tl.load(Q + q_tok[:, None] * sqt + dims[None, :] * sqd, mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + rows[:, None] * sdt + dims[None, :] * sdd, mask=row_ok[:, None], other=0.0)
+        q = tl.load(Q + q_tok[:, None] * sqt + dims[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + rows[:, None] * sdt + dims[None, :], mask=row_ok[:, None], other=0.0)
         lse2 = tl.load(LSE + rows * slt, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + rows * slt, mask=row_ok, other=0.0)
         # Transposed scores [keys, queries]; padding rows and columns get probability 0.
@@ -336,23 +454,20 @@ def _attn_bwd_dkdv_kernel(
         dk += _dot(ds_t.to(q.dtype), q)
     dk = dk * scale
 
-    if PACKED:
-        store_ok = col_ok
-    else:
-        store_ok = cols < MAX_K
+    store_ok = _writable(cols, k_len, MAX_K, PACKED)
     tl.store(
-        DK + b * sdkb + h * sdkh + k_rows[:, None] * sdkt + dims[None, :] * sdkd,
+        DK + b * sdkb + h * sdkh + k_rows[:, None] * sdkt + dims[None, :],
         dk.to(DK.dtype.element_ty),
         mask=store_ok[:, None],
     )
     tl.store(
-        DV + b * sdvb + h * sdvh + k_rows[:, None] * sdvt + dims[None, :] * sdvd,
+        DV + b * sdvb + h * sdvh + k_rows[:, None] * sdvt + dims[None, :],
         dv.to(DV.dtype.element_ty),
         mask=store_ok[:, None],
     )
 
 
-@triton.jit
+@_jit
 def _attn_bwd_dq_kernel(
     Q,
     K,
@@ -370,23 +485,18 @@ def _attn_bwd_dq_kernel(
     sqb,
     sqt,
     sqh,
-    sqd,
     skb,
     skt,
     skh,
-    skd,
     svb,
     svt,
     svh,
-    svd,
     sdb,
     sdt,
     sdh,
-    sdd,
     sdqb,
     sdqt,
     sdqh,
-    sdqd,
     slb,
     slh,
     slt,
@@ -411,8 +521,8 @@ def _attn_bwd_dq_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q_tok = _query_tokens(Q_INDEX, b, sib, q_start, rows, row_ok, GATHER_Q)
     o_rows = q_start + rows
-    q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqt + dims[None, :] * sqd, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + o_rows[:, None] * sdt + dims[None, :] * sdd, mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqt + dims[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + o_rows[:, None] * sdt + dims[None, :], mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + b * slb + h * slh + o_rows * slt, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + b * slb + h * slh + o_rows * slt, mask=row_ok, other=0.0)
     K += b * skb + h * skh + k_start * skt
@@ -427,8 +537,8 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < k_len
-        k = tl.load(K + cols[:, None] * skt + dims[None, :] * skd, mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + cols[:, None] * svt + dims[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        k = tl.load(K + cols[:, None] * skt + dims[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + cols[:, None] * svt + dims[None, :], mask=col_ok[:, None], other=0.0)
         s = _dot(q, tl.trans(k)) * qk_scale
         p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, tl.trans(v))
@@ -439,18 +549,15 @@ def _attn_bwd_dq_kernel(
         dq += _dot(ds.to(k.dtype), k)
     dq = dq * scale
 
-    if PACKED or GATHER_Q:
-        store_ok = row_ok  # other sequences' rows, or (gathered) rows of q outside the index
-    else:
-        store_ok = rows < MAX_Q
+    store_ok = _writable(rows, q_len, MAX_Q, PACKED or GATHER_Q)
     tl.store(
-        DQ + b * sdqb + h * sdqh + q_tok[:, None] * sdqt + dims[None, :] * sdqd,
+        DQ + b * sdqb + h * sdqh + q_tok[:, None] * sdqt + dims[None, :],
         dq.to(DQ.dtype.element_ty),
         mask=store_ok[:, None],
     )
 
 
-@triton.jit
+@_jit
 def _dropout_mask_kernel(SEED, MASK, dropout_p, MAX_Q, MAX_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -482,8 +589,14 @@ def _bwd_config(head_dim: int, device: torch.device) -> dict[str, int]:
 
 
 def _strides(t: Tensor, packed: bool) -> tuple[int, ...]:
-    """(batch, token, head, dim) strides, or (batch, head, token) for lse; packed has no batch axis."""
-    return (0, *t.stride()) if packed else t.stride()
+    """(batch, token, head) strides of q, k, v, out and their gradients, whose head dims have unit
+    stride (see _unit_head_stride), or (batch, head, token) of lse; packed has no batch axis."""
+    return ((0, *t.stride()) if packed else t.stride())[:3]
+
+
+def _unit_head_stride(*tensors: Tensor) -> list[Tensor]:
+    """The kernels read head dims with unit stride, as any projection's output has them."""
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
 def _new_outputs(q: Tensor, max_q: int, packed: bool) -> tuple[Tensor, Tensor]:
@@ -495,9 +608,10 @@ def _new_outputs(q: Tensor, max_q: int, packed: bool) -> tuple[Tensor, Tensor]:
 
 
 def _new_grads(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    # With a fused gather only the indexed rows of dq are written.
-    dq = torch.zeros_like(q) if q_index is not None else torch.empty_like(q)
-    return dq, torch.empty_like(k), torch.empty_like(v)
+    """Contiguous (dq, dk, dv), whatever the inputs' strides; with a fused gather only the indexed
+    rows of dq are written, so it starts at zero."""
+    dq = q.new_zeros(q.shape) if q_index is not None else q.new_empty(q.shape)
+    return dq, k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _flags(q_index: Tensor | None, dropout_p: float, packed: bool) -> dict[str, bool]:
@@ -518,6 +632,7 @@ def _batch(q: Tensor, q_seq: Tensor, packed: bool) -> int:
 
 
 def _launch_fwd(q, k, v, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, max_k, packed):
+    q, k, v = _unit_head_stride(q, k, v)
     out, lse = _new_outputs(q, max_q, packed)
     q_seq, k_seq, q_index = _dense(q_seq, k_seq, q_index)
     batch, nh, d = _batch(q, q_seq, packed), q.shape[-2], q.shape[-1]
@@ -552,6 +667,7 @@ def _launch_fwd(q, k, v, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, m
 
 
 def _launch_bwd(dout, q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, max_k, packed):
+    dout, q, k, v = _unit_head_stride(dout, q, k, v)
     q_seq, k_seq, q_index = _dense(q_seq, k_seq, q_index)
     batch, nh, d = _batch(q, q_seq, packed), q.shape[-2], q.shape[-1]
     dq, dk, dv = _new_grads(q, k, v, q_index)
@@ -706,9 +822,15 @@ attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------------
 
 
-def supports(q: Tensor) -> bool:
-    """Whether the kernels take this query's dtype and head dim."""
-    return q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS
+def unsupported(dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the kernels cannot run queries of this dtype and head dim, or None when they can."""
+    if triton is None:
+        return "triton is not installed"
+    if dtype not in DTYPES:
+        return f"the Triton attention kernels take {DTYPES}, not {dtype}"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} is not supported by the Triton kernels (they take {HEAD_DIMS})"
+    return None
 
 
 def _check_int(name: str, t: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
@@ -727,10 +849,9 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, ndim: int) -> None:
             raise ValueError(f"{name} must be {ndim}-D, got shape {list(t.shape)}")
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in DTYPES:
-        raise TypeError(f"the Triton attention kernels take {DTYPES}, got {q.dtype}")
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"head_dim {q.shape[-1]} is not supported by the Triton kernels; use one of {HEAD_DIMS}")
+    problem = unsupported(q.dtype, q.shape[-1])
+    if problem is not None:
+        raise (ValueError if q.dtype in DTYPES else TypeError)(problem)
     if not q.shape[-2:] == k.shape[-2:] == v.shape[-2:]:
         raise ValueError(f"q, k, v must share (heads, head_dim), got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     if k.shape[:-2] != v.shape[:-2]:
@@ -839,6 +960,8 @@ def dropout_keep_mask(seed: Tensor, batch: int, heads: int, max_q: int, max_k: i
     Slots and positions count from each sequence's start in the packed layout. Scale kept
     probabilities by 1 / (1 - dropout_p) to match the kernels.
     """
+    if triton is None:
+        raise RuntimeError("dropout_keep_mask runs a Triton kernel: triton is not installed")
     mask = torch.empty((batch, heads, max_q, max_k), dtype=torch.int8, device=seed.device)
     grid = (batch * heads, triton.cdiv(max_q, 16), triton.cdiv(max_k, 16))
     _dropout_mask_kernel[grid](seed, mask, dropout_p, max_q, max_k, BLOCK_M=16, BLOCK_N=16)
