@@ -294,7 +294,9 @@ def via_packed(packed_fn: Callable[..., Tensor]) -> AttentionFn:
 
         if scale is not None:  # folded into q: keeps to varlen_attn's oldest signature
             q = q * (scale * q.shape[-1] ** 0.5)
-        out = packed_fn(pack(q, q_order, q_used), pack(k, k_order, k_used), pack(v, k_order, k_used), cu_q, cu_k, lq, lk)
+        out = packed_fn(
+            pack(q, q_order, q_used), pack(k, k_order, k_used), pack(v, k_order, k_used), cu_q, cu_k, lq, lk
+        )
         # Padding query rows land on the zeroed tail; packed_fn never wrote it.
         out = torch.where(q_used[:, None, None], out, 0.0)
         return out[torch.argsort(q_order)].unflatten(0, (batch, lq))

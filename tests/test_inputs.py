@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import tokdrop
-from tokdrop.layers import max_kept, select_tokens
-
 from tokdrop.kernels import backends as attention_module
+from tokdrop.layers import max_kept, select_tokens
 
 VOCAB, MAX_POS = 100, 16
 BASE = dict(
