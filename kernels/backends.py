@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import subset_attention as sa
-from .validate import check_cu_seqlens, check_lengths
+from .validate import check_lengths, check_packed
 
 ENV_VAR = "TOKDROP_ATTENTION"
 # What stands in for a backend that cannot take a case.
@@ -86,6 +86,7 @@ class Backend:
 _REGISTRY: dict[str, Backend] = {}
 _override: str | None = None  # the innermost use_backend block's name
 _active: Backend | None = None  # what the running model forward resolved
+_stand_ins: dict[tuple[str, str], Backend] = {}
 
 
 def register_backend(backend: Backend) -> None:
@@ -164,9 +165,12 @@ def _capable(backend: Backend, dtype: torch.dtype, head_dim: int) -> Backend:
     return _stand_in(backend.name, reason)
 
 
-@functools.cache
 def _stand_in(name: str, reason: str) -> Backend:
-    return dataclasses.replace(_REGISTRY[FALLBACK], fallback_for=(name, reason))
+    """One record per (backend, reason), so that compiled graphs see the same object each time."""
+    key = (name, reason)
+    if key not in _stand_ins:
+        _stand_ins[key] = dataclasses.replace(_REGISTRY[FALLBACK], fallback_for=key)
+    return _stand_ins[key]
 
 
 @functools.cache
@@ -229,9 +233,7 @@ def attention_varlen(
     cu_seqlens_q[-1] come out zero. backend and validate as in `attention`."""
     chosen = _for_queries(q, backend)
     if validate:
-        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
-        check_lengths(cu_seqlens_q.diff(), cu_seqlens_k.diff(), max_seqlen_q, max_seqlen_k)
+        check_packed(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if chosen.varlen is not None:
         return chosen.varlen(*args, scale=scale, dropout_p=dropout_p)

@@ -39,32 +39,23 @@ _jit = (lambda fn: fn) if triton is None else triton.jit
 
 
 @_jit
-def _gather_rows_kernel(
-    X,
-    IDX,
-    LENS,
-    OUT,
-    n_rows,
-    K,
-    H,
-    sxb,
-    sxs,
-    sxh,
-    sib,
-    sij,
-    sob,
-    soj,
-    soh,
-    HAS_LENS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    """OUT[b, j] = X[b, IDX[b, j]]; zero in slots j >= LENS[b] when LENS is given."""
+def _tile(n_rows, row_len, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's flat rows r = (b, j) with j < row_len, its feature columns, and r's validity."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    r_ok = r < n_rows
-    b = r // K
-    j = r % K
+    return r, cols, r < n_rows, r // row_len, r % row_len
+
+
+@_jit
+def _gather_rows_kernel(
+    X, IDX, LENS, OUT, n_rows, K, H,
+    sxb, sxs, sxh,
+    sib, sij,
+    sob, soj, soh,
+    HAS_LENS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """OUT[b, j] = X[b, IDX[b, j]]; zero in slots j >= LENS[b] when LENS is given."""
+    r, cols, r_ok, b, j = _tile(n_rows, K, BLOCK_R, BLOCK_H)
     take = r_ok
     if HAS_LENS:
         take = take & (j < tl.load(LENS + b, mask=r_ok, other=0))
@@ -76,33 +67,14 @@ def _gather_rows_kernel(
 
 @_jit
 def _merge_rows_kernel(
-    BASE,
-    ROWS,
-    INV,
-    OUT,
-    n_rows,
-    S,
-    H,
-    sbb,
-    sbs,
-    sbh,
-    srb,
-    srj,
-    srh,
-    sob,
-    sos,
-    soh,
-    HAS_BASE: tl.constexpr,
-    HAS_ROWS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
+    BASE, ROWS, INV, OUT, n_rows, S, H,
+    sbb, sbs, sbh,
+    srb, srj, srh,
+    sob, sos, soh,
+    HAS_BASE: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
     """OUT[b, s] = ROWS[b, INV[b, s]] where INV[b, s] >= 0, else BASE[b, s]; absent inputs read 0."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    r_ok = r < n_rows
-    b = r // S
-    s = r % S
+    r, cols, r_ok, b, s = _tile(n_rows, S, BLOCK_R, BLOCK_H)
     slot = tl.load(INV + r, mask=r_ok, other=-1)
     ok = r_ok[:, None] & (cols[None, :] < H)
     from_rows = (slot >= 0)[:, None]

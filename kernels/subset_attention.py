@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .validate import check_cu_seqlens, check_index, check_lengths
+from .validate import check_index, check_lengths, check_packed
 
 try:
     import triton
@@ -237,43 +237,16 @@ _UPCAST_DOTS = _constexpr(INTERPRETED)
 
 @_jit
 def _attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    LSE,
-    Q_SEQ,
-    K_SEQ,
-    Q_INDEX,
-    SEED,
-    scale,
-    dropout_p,
-    sqb,
-    sqt,
-    sqh,
-    skb,
-    skt,
-    skh,
-    svb,
-    svt,
-    svh,
-    sob,
-    sot,
-    soh,
-    slb,
-    slh,
-    slt,
-    sib,
-    NH,
-    MAX_Q,
-    MAX_K,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr,
-    GATHER_Q: tl.constexpr,
-    DROPOUT: tl.constexpr,
-):
+    Q, K, V, Out, LSE, Q_SEQ, K_SEQ, Q_INDEX, SEED, scale, dropout_p,
+    sqb, sqt, sqh,
+    skb, skt, skh,
+    svb, svt, svh,
+    sob, sot, soh,
+    slb, slh, slt,
+    sib, NH, MAX_Q, MAX_K,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, GATHER_Q: tl.constexpr, DROPOUT: tl.constexpr,
+):  # fmt: skip
     # One program per (b, h, block of query slots); consecutive programs share K/V in L2.
     bh, b, h, start_m = _program_block(MAX_Q, NH, BLOCK_M)
     q_start, q_len = _seq_bounds(Q_SEQ, b, MAX_Q, PACKED)
@@ -328,25 +301,13 @@ def _attn_fwd_kernel(
 
 @_jit
 def _attn_bwd_preprocess_kernel(
-    Out,
-    DO,
-    DELTA,
-    Q_SEQ,
-    sob,
-    sot,
-    soh,
-    sdb,
-    sdt,
-    sdh,
-    slb,
-    slh,
-    slt,
-    NH,
-    MAX_Q,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    PACKED: tl.constexpr,
-):
+    Out, DO, DELTA, Q_SEQ,
+    sob, sot, soh,
+    sdb, sdt, sdh,
+    slb, slh, slt,
+    NH, MAX_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PACKED: tl.constexpr,
+):  # fmt: skip
     """delta = rowsum(dO * O), the softmax-backward correction term, in the layout of lse."""
     bh, b, h, start_m = _program_block(MAX_Q, NH, BLOCK_M)
     q_start, q_len = _seq_bounds(Q_SEQ, b, MAX_Q, PACKED)
@@ -363,52 +324,18 @@ def _attn_bwd_preprocess_kernel(
 
 @_jit
 def _attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    Q_SEQ,
-    K_SEQ,
-    Q_INDEX,
-    SEED,
-    scale,
-    dropout_p,
-    sqb,
-    sqt,
-    sqh,
-    skb,
-    skt,
-    skh,
-    svb,
-    svt,
-    svh,
-    sdb,
-    sdt,
-    sdh,
-    sdkb,
-    sdkt,
-    sdkh,
-    sdvb,
-    sdvt,
-    sdvh,
-    slb,
-    slh,
-    slt,
-    sib,
-    NH,
-    MAX_Q,
-    MAX_K,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr,
-    GATHER_Q: tl.constexpr,
-    DROPOUT: tl.constexpr,
-):
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_SEQ, K_SEQ, Q_INDEX, SEED, scale, dropout_p,
+    sqb, sqt, sqh,
+    skb, skt, skh,
+    svb, svt, svh,
+    sdb, sdt, sdh,
+    sdkb, sdkt, sdkh,
+    sdvb, sdvt, sdvh,
+    slb, slh, slt,
+    sib, NH, MAX_Q, MAX_K,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, GATHER_Q: tl.constexpr, DROPOUT: tl.constexpr,
+):  # fmt: skip
     # One program per (b, h, block of keys), looping over the query blocks: no atomics.
     bh, b, h, start_n = _program_block(MAX_K, NH, BLOCK_N)
     q_start, q_len = _seq_bounds(Q_SEQ, b, MAX_Q, PACKED)
@@ -469,48 +396,17 @@ def _attn_bwd_dkdv_kernel(
 
 @_jit
 def _attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    Q_SEQ,
-    K_SEQ,
-    Q_INDEX,
-    SEED,
-    scale,
-    dropout_p,
-    sqb,
-    sqt,
-    sqh,
-    skb,
-    skt,
-    skh,
-    svb,
-    svt,
-    svh,
-    sdb,
-    sdt,
-    sdh,
-    sdqb,
-    sdqt,
-    sdqh,
-    slb,
-    slh,
-    slt,
-    sib,
-    NH,
-    MAX_Q,
-    MAX_K,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr,
-    GATHER_Q: tl.constexpr,
-    DROPOUT: tl.constexpr,
-):
+    Q, K, V, DO, LSE, DELTA, DQ, Q_SEQ, K_SEQ, Q_INDEX, SEED, scale, dropout_p,
+    sqb, sqt, sqh,
+    skb, skt, skh,
+    svb, svt, svh,
+    sdb, sdt, sdh,
+    sdqb, sdqt, sdqh,
+    slb, slh, slt,
+    sib, NH, MAX_Q, MAX_K,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, GATHER_Q: tl.constexpr, DROPOUT: tl.constexpr,
+):  # fmt: skip
     # One program per (b, h, block of query slots), looping over the key blocks.
     bh, b, h, start_m = _program_block(MAX_Q, NH, BLOCK_M)
     q_start, q_len = _seq_bounds(Q_SEQ, b, MAX_Q, PACKED)
@@ -588,10 +484,11 @@ def _bwd_config(head_dim: int, device: torch.device) -> dict[str, int]:
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
-def _strides(t: Tensor, packed: bool) -> tuple[int, ...]:
-    """(batch, token, head) strides of q, k, v, out and their gradients, whose head dims have unit
-    stride (see _unit_head_stride), or (batch, head, token) of lse; packed has no batch axis."""
-    return ((0, *t.stride()) if packed else t.stride())[:3]
+def _strides(packed: bool, *tensors: Tensor) -> list[int]:
+    """The (batch, token, head) strides of each of q, k, v, out and their gradients, whose head dims
+    have unit stride (see _unit_head_stride), or (batch, head, token) of lse; packed tensors have no
+    batch axis."""
+    return [s for t in tensors for s in ((0, *t.stride()) if packed else t.stride())[:3]]
 
 
 def _unit_head_stride(*tensors: Tensor) -> list[Tensor]:
@@ -639,30 +536,10 @@ def _launch_fwd(q, k, v, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, m
     cfg = _config(d, q.device)
     grid = (batch * nh * triton.cdiv(max_q, cfg["BLOCK_M"]),)
     _attn_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        q_seq,
-        k_seq,
-        q_index,
-        seed,
-        scale,
-        dropout_p,
-        *_strides(q, packed),
-        *_strides(k, packed),
-        *_strides(v, packed),
-        *_strides(out, packed),
-        *_strides(lse, packed),
-        _index_stride(q_index),
-        nh,
-        max_q,
-        max_k,
-        HEAD_DIM=d,
-        **_flags(q_index, dropout_p, packed),
-        **cfg,
-    )
+        q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dropout_p,
+        *_strides(packed, q, k, v, out, lse), _index_stride(q_index), nh, max_q, max_k,
+        HEAD_DIM=d, **_flags(q_index, dropout_p, packed), **cfg,
+    )  # fmt: skip
     return out, lse
 
 
@@ -677,72 +554,20 @@ def _launch_bwd(dout, q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dro
     q_blocks = batch * nh * triton.cdiv(max_q, cfg["BLOCK_M"])
     k_blocks = batch * nh * triton.cdiv(max_k, cfg["BLOCK_N"])
     _attn_bwd_preprocess_kernel[(q_blocks,)](
-        out,
-        dout,
-        delta,
-        q_seq,
-        *_strides(out, packed),
-        *_strides(dout, packed),
-        *_strides(lse, packed),
-        nh,
-        max_q,
-        HEAD_DIM=d,
-        BLOCK_M=cfg["BLOCK_M"],
-        PACKED=packed,
-    )
-    common = (*_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(dout, packed))
+        out, dout, delta, q_seq, *_strides(packed, out, dout, lse), nh, max_q,
+        HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], PACKED=packed,
+    )  # fmt: skip
+    inputs = (q, k, v, dout, lse, delta)
     _attn_bwd_dkdv_kernel[(k_blocks,)](
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dk,
-        dv,
-        q_seq,
-        k_seq,
-        q_index,
-        seed,
-        scale,
-        dropout_p,
-        *common,
-        *_strides(dk, packed),
-        *_strides(dv, packed),
-        *_strides(lse, packed),
-        _index_stride(q_index),
-        nh,
-        max_q,
-        max_k,
-        HEAD_DIM=d,
-        **flags,
-        **cfg,
-    )
+        *inputs, dk, dv, q_seq, k_seq, q_index, seed, scale, dropout_p,
+        *_strides(packed, q, k, v, dout, dk, dv, lse), _index_stride(q_index), nh, max_q, max_k,
+        HEAD_DIM=d, **flags, **cfg,
+    )  # fmt: skip
     _attn_bwd_dq_kernel[(q_blocks,)](
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dq,
-        q_seq,
-        k_seq,
-        q_index,
-        seed,
-        scale,
-        dropout_p,
-        *common,
-        *_strides(dq, packed),
-        *_strides(lse, packed),
-        _index_stride(q_index),
-        nh,
-        max_q,
-        max_k,
-        HEAD_DIM=d,
-        **flags,
-        **cfg,
-    )
+        *inputs, dq, q_seq, k_seq, q_index, seed, scale, dropout_p,
+        *_strides(packed, q, k, v, dout, dq, lse), _index_stride(q_index), nh, max_q, max_k,
+        HEAD_DIM=d, **flags, **cfg,
+    )  # fmt: skip
     return dq, dk, dv
 
 
@@ -945,9 +770,7 @@ def triton_attention_varlen(
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     if validate:
-        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
-        check_lengths(cu_seqlens_q.diff(), cu_seqlens_k.diff(), max_seqlen_q, max_seqlen_k)
+        check_packed(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     scale, seed = _scale_and_seed(q, scale, dropout_p, seed)
     return attention_fwd_op(
         q, k, v, cu_seqlens_q, cu_seqlens_k, None, seed, scale, float(dropout_p), max_seqlen_q, max_seqlen_k, True

@@ -74,3 +74,14 @@ def check_cu_seqlens(name: str, cu_seqlens: Tensor, tokens: int) -> None:
     """Offsets start at 0 and end at <= tokens (the packed rows); check_lengths bounds their steps."""
     if _first_bad_row(torch.cat([cu_seqlens[:1] != 0, cu_seqlens[-1:] > tokens])) is not None:
         raise ValueError(f"{name}={cu_seqlens.tolist()} must start at 0 and end at <= {tokens}, the packed rows")
+
+
+@_eager_only
+def check_packed(
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, tokens_q: int, tokens_k: int, max_seqlen_q: int, max_seqlen_k: int
+) -> None:
+    """Packed-layout offsets that stay inside tensors of tokens_q / tokens_k rows, with sequences of
+    at most max_seqlen_q / max_seqlen_k tokens and a key wherever there are queries."""
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, tokens_q)
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, tokens_k)
+    check_lengths(cu_seqlens_q.diff(), cu_seqlens_k.diff(), max_seqlen_q, max_seqlen_k)

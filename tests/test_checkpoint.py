@@ -132,9 +132,10 @@ def test_hf_bert_model_loads(tmp_path, padded, act):
     assert_close(ref_plain.pooler_output, out_plain.pooler_output)
 
 
+@pytest.mark.parametrize("layers", [3, 1])
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
-def test_hf_masked_lm_loads(tmp_path, padded):
-    hf = hf_model("BertForMaskedLM")
+def test_hf_masked_lm_loads(tmp_path, padded, layers):
+    hf = hf_model("BertForMaskedLM", num_hidden_layers=layers)
     hf.save_pretrained(tmp_path)
     td = load_quietly(tokdrop.BertForMaskedLM, tmp_path).eval()
     ids, mask, types = batch(padded)

@@ -93,3 +93,18 @@ def test_gpu_model_on_triton_kernels_compiles_and_matches_sdpa(gpu_summary, mode
             states.append(tokdrop.BertModel(config).cuda().train()(ids, mask).last_hidden_state[mask.bool()])
         torch.testing.assert_close(states[0], states[1], rtol=1e-4, atol=1e-4)
         check_compiled_training(TRITON_CONFIG, mode, "cuda")
+
+
+def test_a_backend_fallback_compiles_fullgraph_and_shows_in_the_repr():
+    """attn_backend="triton" at head_dim 16, which the kernels lack: SDPA stands in, named in the
+    model's repr, and the compiled model is one graph equal to eager."""
+    config = dataclasses.replace(CONFIG, attn_backend="triton")  # head_dim 32 / 2 heads = 16
+    torch.manual_seed(0)
+    model = tokdrop.BertModel(config).eval()
+    assert "Backend('sdpa', standing in for 'triton': head_dim 16" in repr(model)
+    ids, mask, _ = next(batches(1))
+    torch.compiler.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(ids, mask).last_hidden_state, model(ids, mask).last_hidden_state)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -215,3 +215,149 @@ def test_fixed_prediction_slots_match_counted_slots():
     torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="more than the 2 slots"):
         share_weights(make(tokdrop.BertForMaskedLM, max_predictions_per_seq=2), counted)(ids, mask, types, labels)
+
+
+# ---------------------------------------------------------------------------------- last-layer subset
+
+
+def loss_and_grads(model, *inputs, **kwargs):
+    model.zero_grad()
+    out = model(*inputs, **kwargs)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["dense", "token_drop", "random_ltd"])
+def test_last_layer_subset_gives_the_full_last_layers_loss_and_gradients(mode):
+    """Queries at the predicted positions only in the last layer: float64 loss, every gradient and
+    the importance update equal the full last layer's."""
+    changes = {
+        "dense": {},
+        "token_drop": {"token_drop": tokdrop.TokenDropConfig(keep=0.5, allow_ids=(4,))},
+        "random_ltd": {"random_ltd": tokdrop.RandomLTDConfig(keep=0.5)},
+    }[mode]
+    ids, mask, types, labels = batch()
+    full = make(tokdrop.BertForMaskedLM, last_layer_subset=False, **changes).train()
+    subset = share_weights(make(tokdrop.BertForMaskedLM, last_layer_subset=True, **changes), full).train()
+    assert full.bert.encoder.plan[-1] == "full" and subset.bert.encoder.plan[-1] == "narrow"
+    scores = torch.randn(ids.shape, dtype=torch.float64)
+    results = []
+    for model in (full, subset):
+        torch.manual_seed(5)  # the same random-LTD subsets
+        results.append(loss_and_grads(model, ids, mask, types, labels, token_scores=scores))
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=1e-10)
+    torch.testing.assert_close(real_logits(b), real_logits(a), rtol=0, atol=1e-10)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=0, atol=1e-10, msg=name)
+    if mode == "token_drop":
+        torch.testing.assert_close(subset.bert.token_importance.table, full.bert.token_importance.table)
+
+
+def test_last_layer_subset_is_a_full_layer_without_labels():
+    ids, mask, types, _ = batch()
+    full = make(tokdrop.BertForMaskedLM, last_layer_subset=False).eval()
+    subset = share_weights(make(tokdrop.BertForMaskedLM), full).eval()
+    torch.testing.assert_close(subset(ids, mask, types).logits, full(ids, mask, types).logits, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ random-LTD
+
+
+class RecordedSelections:
+    """The (index, kept counts) of every select_tokens call an encoder makes."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+
+        def recording(*args):
+            result = select_tokens(*args)
+            self.calls.append(result)
+            return result
+
+        monkeypatch.setattr(tokdrop.layers, "select_tokens", recording)
+
+
+def test_random_ltd_equals_slow_per_layer_reference(monkeypatch):
+    """Each middle layer runs on its own subset of each row (gathered, attending only to each other)
+    and scatters back; the other tokens skip the layer unchanged; first and last layers run full."""
+    ids, mask, types, _ = batch()
+    model = make(tokdrop.BertModel, num_hidden_layers=5, random_ltd=tokdrop.RandomLTDConfig(keep=0.5)).train()
+    assert model.encoder.plan == ("full", "ltd", "ltd", "ltd", "narrow")
+    selections = RecordedSelections(monkeypatch)
+    out = model(ids, mask, types)[0]
+    assert len(selections.calls) == 3
+    embedded = model.embeddings(ids, types)
+    layers = model.encoder.layer
+    for row, length in enumerate(mask.sum(1).tolist()):
+        hidden = slow_layer(layers[0], embedded[row, :length], embedded[row, :length])
+        for layer, (index, counts) in zip(layers[1:4], selections.calls, strict=True):
+            kept = index[row, : int(counts[row])]
+            assert int(counts[row]) == -(-length // 2) and bool((kept < length).all())
+            hidden = hidden.clone()
+            hidden[kept] = slow_layer(layer, hidden[kept], hidden[kept])
+        hidden = slow_layer(layers[4], hidden, hidden)
+        torch.testing.assert_close(out[row, :length], hidden, rtol=0, atol=1e-12)
+
+
+def test_random_ltd_subsets_are_fresh_per_layer_and_step_and_reproducible(monkeypatch):
+    ids, mask, types, _ = batch(lengths=(20, 20, 20, 20))
+    model = make(tokdrop.BertModel, num_hidden_layers=4, random_ltd=tokdrop.RandomLTDConfig(keep=0.5)).train()
+    selections = RecordedSelections(monkeypatch)
+    torch.manual_seed(1)
+    model(ids, mask, types)
+    model(ids, mask, types)
+    torch.manual_seed(1)
+    model(ids, mask, types)
+    first, second, again = selections.calls[:2], selections.calls[2:4], selections.calls[4:]
+    for (a, _), (b, _) in zip(first, again, strict=True):
+        assert torch.equal(a, b)  # the same seed draws the same subsets
+    subsets = [index[:, :10].sort(1).values for index, _ in first + second]
+    assert all(not torch.equal(x, y) for i, x in enumerate(subsets) for y in subsets[i + 1 :])
+    # Rows of one batch draw different subsets too, and the kept positions are sorted.
+    assert not torch.equal(subsets[0][0], subsets[0][1])
+    assert all(bool((index[:, :10].diff(dim=1) > 0).all()) for index, _ in first)
+
+
+def test_random_ltd_never_keeps_padding_and_acts_in_training_only(monkeypatch):
+    ids, mask, types, _ = batch(lengths=(9, 3, 1, 6))
+    model = make(tokdrop.BertModel, random_ltd=tokdrop.RandomLTDConfig(keep=0.5)).train()
+    selections = RecordedSelections(monkeypatch)
+    model(ids, mask, types)
+    lengths = mask.sum(1)
+    for index, counts in selections.calls:
+        assert counts.tolist() == [5, 2, 1, 3]
+        for row in range(4):
+            assert bool((index[row, : counts[row]] < lengths[row]).all())
+    selections.calls.clear()
+    dense = share_weights(make(tokdrop.BertModel), model).eval()
+    torch.testing.assert_close(model.eval()(ids, mask, types)[0], dense(ids, mask, types)[0], rtol=0, atol=0)
+    assert selections.calls == []
+
+
+def test_random_ltd_keeping_everything_equals_dense():
+    ids, mask, types, labels = batch()
+    dense = make(tokdrop.BertForMaskedLM).train()
+    ltd = share_weights(make(tokdrop.BertForMaskedLM, random_ltd=tokdrop.RandomLTDConfig(keep=1.0)), dense).train()
+    a, b = dense(ids, mask, types, labels), ltd(ids, mask, types, labels)
+    torch.testing.assert_close(real_logits(b), real_logits(a), rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------- every depth works
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("mode", ["dense", "token_drop", "random_ltd"])
+def test_shallow_models_build_and_train(layers, mode):
+    if mode == "token_drop" and layers == 1:
+        with pytest.raises(ValueError, match="start_layer=0, end_layer=0, num_hidden_layers=1"):
+            tokdrop.with_mode(dataclasses.replace(BASE, num_hidden_layers=1), mode)
+        return
+    config = tokdrop.with_mode(dataclasses.replace(BASE, num_hidden_layers=layers), mode)
+    torch.manual_seed(0)
+    model = tokdrop.BertForMaskedLM(config).double().train()
+    ids, mask, types, labels = batch()
+    model(ids, mask, types, labels).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -5,7 +5,7 @@ full-sequence BERT.
 """
 
 from tokdrop import layers
-from tokdrop.config import BertConfig, NarrowConfig, TokenDropConfig
+from tokdrop.config import BertConfig, NarrowConfig, RandomLTDConfig, TokenDropConfig, with_mode
 from tokdrop.model import BertForMaskedLM, BertForSequenceClassification, BertModel
 
 __version__ = "0.1.0"
@@ -16,6 +16,8 @@ __all__ = [
     "BertForSequenceClassification",
     "BertModel",
     "NarrowConfig",
+    "RandomLTDConfig",
     "TokenDropConfig",
     "layers",
+    "with_mode",
 ]

@@ -9,7 +9,7 @@ Also the argparse pieces the commands and benchmarks share. This module imports 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import entry_points
 
 COMMAND_GROUP = "tokdrop.commands"
@@ -80,6 +80,22 @@ def add_model_arguments(
         default=2,
         help="NarrowBERT: full layers before the narrow ones",
     )
+
+
+def add_subcommand(
+    subcommands: argparse._SubParsersAction,
+    name: str,
+    *,
+    help: str,
+    description: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    """A subcommand's parser with the shared formatter, its flags, and `run` as what it does."""
+    parser = subcommands.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(run=run)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from tokdrop.cli import HelpFormatter, add_model_arguments, format_table, positive_int
+from tokdrop.cli import add_model_arguments, add_subcommand, format_table, positive_int
 from tokdrop.config import BertConfig, with_mode
 from tokdrop.data import (
     MaskingCollator,
@@ -52,14 +52,14 @@ _UNTIMED_STEPS = 2
 
 def add_command(subcommands: argparse._SubParsersAction) -> None:
     """Add the `demo` subcommand to the `tokdrop` command."""
-    parser = subcommands.add_parser(
+    add_subcommand(
+        subcommands,
         "demo",
         help="pretrain a small BERT dense, with token dropping and as NarrowBERT; compare",
         description=__doc__,
-        formatter_class=HelpFormatter,
+        add_arguments=add_arguments,
+        run=run,
     )
-    add_arguments(parser)
-    parser.set_defaults(run=run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

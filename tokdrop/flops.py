@@ -9,8 +9,9 @@ they are small next to the matmuls.
 
 from __future__ import annotations
 
-from tokdrop.config import BertConfig, drop_schedule
-from tokdrop.layers import max_kept
+from tokdrop.config import BertConfig
+from tokdrop.layers import CROSS, FULL, KEPT, LTD, NARROW, max_kept
+from tokdrop.model import layer_plan
 
 LINEAR_BACKWARD = 2.0
 ATTENTION_BACKWARD = 2.5
@@ -29,27 +30,25 @@ def training_flops(
     config: BertConfig, seq_len: int, num_predictions: int, *, decode_every_position: bool = False
 ) -> float:
     """FLOPs of one training step per sequence of `seq_len` real tokens with `num_predictions`
-    masked positions, following the mode of `config` (dense, token dropping or NarrowBERT).
+    masked positions, layer by layer along the config's layer plan (tokdrop.model.layer_plan):
+    cross layers run the kept tokens over every key, kept and random-LTD layers the kept tokens
+    over each other, narrow layers (NarrowBERT, and the last layer with last_layer_subset) the
+    predicted positions over every key.
 
     The MLM head (transform + vocabulary projection) runs on the predicted positions, or on every
     position with `decode_every_position` (as Hugging Face's BertForMaskedLM does). Embedding
     look-ups, LayerNorms and softmax are left out: they are small next to the matmuls.
     """
-    n_layers = config.num_hidden_layers
-    full = _layer_flops(config, seq_len, seq_len)
-    if config.token_drop is not None:
-        start, end = drop_schedule(n_layers, config.token_drop.start_layer, config.token_drop.end_layer)
-        kept = max_kept(seq_len, config.token_drop.keep)
-        encoder = (
-            (start + n_layers - end) * full
-            + _layer_flops(config, kept, seq_len)  # the cross layer
-            + (end - start - 1) * _layer_flops(config, kept, kept)
-        )
-    elif config.narrow is not None:
-        n_full = config.narrow.full_layers
-        encoder = n_full * full + (n_layers - n_full) * _layer_flops(config, num_predictions, seq_len)
-    else:
-        encoder = n_layers * full
+    mode = config.token_drop or config.random_ltd
+    kept = seq_len if mode is None else max_kept(seq_len, mode.keep)
+    shapes = {
+        FULL: (seq_len, seq_len),
+        CROSS: (kept, seq_len),
+        KEPT: (kept, kept),
+        LTD: (kept, kept),
+        NARROW: (num_predictions, seq_len),
+    }
+    encoder = sum(_layer_flops(config, *shapes[kind]) for kind in layer_plan(config))
     decoded = seq_len if decode_every_position else num_predictions
     hidden = config.hidden_size
     head = (1 + LINEAR_BACKWARD) * 2 * decoded * (hidden * hidden + hidden * config.vocab_size)
