@@ -23,22 +23,27 @@ def bench():
 def test_bench_writes_medians_ratios_and_provenance(bench, tmp_path, capsys):
     out = tmp_path / "results" / "bench.json"
     tiny = [
-        "--device", "cpu", "--json", str(out), "--layers", "3", "--hidden", "32", "--heads", "2",
+        "--device", "cpu", "--json", str(out), "--layers", "4", "--hidden", "32", "--heads", "2",
         "--intermediate", "64", "--vocab-size", "200", "--seq-len", "32", "--batch-size", "2",
         "--predictions", "5", "--warmup", "1", "--reps", "2",
     ]  # fmt: skip
     bench.main(tiny)
     results = json.loads(out.read_text())
 
-    assert set(results["median_step_s"]) == {"transformers", "dense", "token_drop", "narrow"}
+    assert set(results["median_step_s"]) == {
+        "transformers", "dense_full_last", "dense", "token_drop", "narrow", "random_ltd"
+    }  # fmt: skip
     assert all(len(times) == 2 for times in results["step_s"].values())
     assert all(s > 0 for s in results["median_step_s"].values())
     assert all(results["min_step_s"][name] <= s for name, s in results["median_step_s"].items())
-    assert set(results["ratios"]) == {"token_drop/dense", "narrow/dense", "dense/transformers"}
+    assert set(results["ratios"]) == {
+        "token_drop/dense", "narrow/dense", "random_ltd/dense", "dense/dense_full_last", "dense/transformers"
+    }  # fmt: skip
+    assert results["ratios"]["dense/dense_full_last"]["target"] == pytest.approx(1 - 0.6 / 4)
     for ratio in results["ratios"].values():
         assert math.isfinite(ratio["measured"]) and math.isfinite(ratio["measured_fastest"])
         assert 0 < ratio["flop_model"] < 1
-        assert isinstance(ratio["meets_target"], bool)
+        assert isinstance(ratio["meets_target"], bool) or ratio["target"] is ratio["meets_target"] is None
     assert results["device"] and results["torch"] and results["date"]
     assert set(results["git"]) == {"commit", "dirty"}
     assert results["arguments"]["predictions"] == 5
