@@ -96,3 +96,21 @@ def gpu_summary(request):
         }
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"gpu_{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real file system of 1 MiB (tmpfs, mounted for the test; needs root), to fill up for real."""
+    import subprocess
+
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

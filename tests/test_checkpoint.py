@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+import random
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -22,93 +24,18 @@ from tokdrop import hf_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="HF parity needs the test extra `transformers`")
 
-ATOL = 1e-5
-TINY = dict(
-    vocab_size=99,
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    intermediate_size=37,
-    max_position_embeddings=24,
-    type_vocab_size=2,
-    pad_token_id=0,
+from hf_parity import (  # noqa: E402
+    ATOL,
+    TINY,
+    assert_close,
+    assert_hidden_equal,
+    assert_mlm_logits_equal,
+    batch,
+    hf_model,
+    load_quietly,
+    mlm_labels,
+    td_model,
 )
-CLASSES = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification")
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Give every parameter a distinct random value (HF initialises biases to 0, LayerNorm to 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            if "LayerNorm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.2 * noise)
-            else:
-                param.copy_(0.15 * noise)
-    return model.eval()
-
-
-def hf_model(cls_name: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    config = transformers.BertConfig(**(TINY | overrides))
-    return randomize_(getattr(transformers, cls_name)(config), seed)
-
-
-def td_model(cls_name: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    return randomize_(getattr(tokdrop, cls_name)(tokdrop.BertConfig(**(TINY | overrides))), seed)
-
-
-def batch(padded: bool, seed: int = 1, batch_size: int = 3, seq_len: int = 11):
-    """input_ids, attention_mask (right padding, or all ones), token_type_ids (two segments)."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, TINY["vocab_size"], (batch_size, seq_len), generator=gen)
-    lengths = torch.tensor([seq_len, 7, 1][:batch_size]) if padded else torch.full((batch_size,), seq_len)
-    mask = (torch.arange(seq_len) < lengths[:, None]).long()
-    ids = ids * mask  # padding id 0 on padded positions
-    types = ((torch.arange(seq_len) >= lengths[:, None] // 2) & mask.bool()).long()
-    return ids, mask, types
-
-
-def load_quietly(cls, directory, **overrides):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a complete checkpoint loads without any warning
-        return cls.from_pretrained(directory, **overrides)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
-
-
-def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
-    diff = max_diff(a, b)
-    assert diff <= ATOL, f"max abs diff {diff:.3g} > {ATOL}"
-
-
-def assert_hidden_equal(hf_hidden, td_hidden, mask, padded) -> None:
-    """tokdrop zeroes attention outputs of padded query rows: compare real positions only."""
-    if padded:
-        real = mask.bool()
-        assert_close(hf_hidden[real], td_hidden[real])
-    else:
-        assert_close(hf_hidden, td_hidden)
-
-
-def assert_mlm_logits_equal(hf_logits, td_out, mask) -> None:
-    """tokdrop's logits [B, P, V] sit at td_out.positions; the first counts[b] slots are real."""
-    for row in range(hf_logits.shape[0]):
-        count = int(td_out.counts[row])
-        positions = td_out.positions[row, :count]
-        assert bool(mask[row, positions].all())
-        assert_close(hf_logits[row, positions], td_out.logits[row, :count])
-
-
-def mlm_labels(ids, mask, seed=2):
-    gen = torch.Generator().manual_seed(seed)
-    chosen = (torch.rand(ids.shape, generator=gen) < 0.4) & mask.bool()
-    chosen[:, 0] = True  # at least one prediction per row
-    return torch.where(chosen, ids, -100)
-
 
 # ---------------------------------------------------------------- transformers -> tokdrop
 
@@ -709,3 +636,65 @@ def test_save_overwrites_and_creates_directories(tmp_path):
     assert sorted(os.listdir(target)) == ["config.json", "model.safetensors"]
     loaded = load_quietly(tokdrop.BertModel, target)
     assert torch.equal(loaded.embeddings.word_embeddings.weight, second.embeddings.word_embeddings.weight)
+
+
+def test_full_disk_during_save_leaves_the_previous_checkpoint(small_filesystem):
+    """A real 1 MiB file system: the old checkpoint fits, the new one (about 2 MB) does not."""
+    target = small_filesystem / "ckpt"
+    old = td_model("BertModel", seed=0)
+    old.save_pretrained(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    big = td_model("BertModel", seed=1, hidden_size=256, intermediate_size=512, vocab_size=500)
+    with pytest.raises(OSError, match="cannot write model.safetensors: .*No space left on device"):
+        big.save_pretrained(target)
+    assert sorted(os.listdir(small_filesystem)) == ["ckpt"]  # no temporaries left beside it
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert torch.equal(load_quietly(tokdrop.BertModel, target).pooler.dense.weight, old.pooler.dense.weight)
+
+
+def test_a_kill_during_save_leaves_the_old_or_the_new_checkpoint(tmp_path):
+    """SIGKILL at random moments of saves over an existing checkpoint: the directory always loads
+    as one whole version (config and weights agree), and the next save removes the temporaries."""
+    directory = tmp_path / "ckpt"
+    reference = {}
+    for seed, dropout in ((0, 0.1), (1, 0.2)):
+        torch.manual_seed(seed)
+        config = tokdrop.BertConfig(
+            vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=24, hidden_dropout_prob=dropout,
+        )  # fmt: skip
+        reference[dropout] = tokdrop.BertModel(config)
+    reference[0.1].save_pretrained(directory)
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(20):
+        child = os.fork()
+        if child == 0:  # save the two versions in turn until killed
+            try:
+                while True:
+                    for model in reference.values():
+                        model.save_pretrained(directory)
+            finally:
+                os._exit(1)
+        try:
+            time.sleep(rng.uniform(0.0, 0.3))
+        finally:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        loaded = load_quietly(tokdrop.BertModel, directory)
+        dropout = loaded.config.hidden_dropout_prob
+        seen.add(dropout)
+        for (name, a), b in zip(loaded.state_dict().items(), reference[dropout].state_dict().values(), strict=True):
+            assert torch.equal(a, b), f"{name} does not belong to the checkpoint of its config.json"
+    assert seen == {0.1, 0.2}  # the kills landed in saves of both versions
+    reference[0.2].save_pretrained(directory)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_save_keeps_the_other_files_of_the_directory(tmp_path):
+    td_model("BertModel", seed=0).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"stale weights of an older save")
+    td_model("BertModel", seed=1).save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]

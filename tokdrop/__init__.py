@@ -5,8 +5,24 @@ full-sequence BERT.
 """
 
 from tokdrop import layers
-from tokdrop.config import BertConfig, NarrowConfig, RandomLTDConfig, TokenDropConfig, with_mode
-from tokdrop.model import BertForMaskedLM, BertForSequenceClassification, BertModel
+from tokdrop.config import (
+    BertConfig,
+    NarrowConfig,
+    RandomLTDConfig,
+    RobertaConfig,
+    TokenDropConfig,
+    with_mode,
+)
+from tokdrop.hf_checkpoint import from_transformers
+from tokdrop.model import (
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+    RobertaModel,
+)
+from tokdrop.vocabulary import special_token_ids
 
 __version__ = "0.1.0"
 
@@ -17,7 +33,13 @@ __all__ = [
     "BertModel",
     "NarrowConfig",
     "RandomLTDConfig",
+    "RobertaConfig",
+    "RobertaForMaskedLM",
+    "RobertaForSequenceClassification",
+    "RobertaModel",
     "TokenDropConfig",
+    "from_transformers",
     "layers",
+    "special_token_ids",
     "with_mode",
 ]

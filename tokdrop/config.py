@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -126,6 +126,11 @@ _MODE_FIELDS = {"token_drop": TokenDropConfig, "narrow": NarrowConfig, "random_l
 
 @dataclass
 class BertConfig:
+    """Hugging Face BertConfig's fields (and names) plus tokdrop's modes."""
+
+    model_type: ClassVar[str] = "bert"
+    architecture: ClassVar[str] = "BERT"
+
     vocab_size: int = 30522
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -193,6 +198,11 @@ class BertConfig:
             check_probability("classifier_dropout", self.classifier_dropout)
         if self.max_predictions_per_seq is not None:
             check_int("max_predictions_per_seq", self.max_predictions_per_seq, 1)
+        if self.max_sequence_length < 1:
+            raise ValueError(
+                f"max_position_embeddings={self.max_position_embeddings} leaves no position after the "
+                f"offset {self.position_offset}"
+            )
         if not isinstance(self.last_layer_subset, bool):
             raise TypeError(f"last_layer_subset must be True or False, got {self.last_layer_subset!r}")
         modes = [name for name in _MODE_FIELDS if getattr(self, name) is not None]
@@ -226,13 +236,23 @@ class BertConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def position_offset(self) -> int:
+        """Position id of a sequence's first token."""
+        return 0
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest sequence the position embeddings cover."""
+        return self.max_position_embeddings - self.position_offset
+
     def to_dict(self) -> dict[str, Any]:
         """The config.json content: Hugging Face's BERT fields plus tokdrop's own."""
         out = dataclasses.asdict(self)
         out.pop("num_labels")
         out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
         out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
-        out["model_type"] = "bert"
+        out["model_type"] = self.model_type
         out["position_embedding_type"] = "absolute"
         return out
 
@@ -240,8 +260,11 @@ class BertConfig:
     def from_dict(cls, raw: dict[str, Any], **overrides: Any) -> BertConfig:
         """Read a Hugging Face / tokdrop config.json dict; unknown Hugging Face fields are ignored."""
         model_type = raw.get("model_type")
-        if model_type != "bert":
-            raise ValueError(f"not a BERT config: model_type={model_type!r} (expected 'bert')")
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"not a {cls.architecture} config: model_type={model_type!r} "
+                f"(expected {cls.model_type!r})"
+            )
         position_type = raw.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise ValueError(f"position_embedding_type={position_type!r} is not supported (only 'absolute')")
@@ -253,6 +276,25 @@ class BertConfig:
             kwargs["num_labels"] = len(raw["id2label"])
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+@dataclass
+class RobertaConfig(BertConfig):
+    """Hugging Face RobertaConfig's fields and defaults: position ids start after the padding id,
+    one token type."""
+
+    model_type: ClassVar[str] = "roberta"
+    architecture: ClassVar[str] = "RoBERTa"
+
+    vocab_size: int = 50265
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+
+    @property
+    def position_offset(self) -> int:
+        return self.pad_token_id + 1
 
 
 def with_mode(
@@ -278,6 +320,7 @@ __all__ = [
     "BertConfig",
     "NarrowConfig",
     "RandomLTDConfig",
+    "RobertaConfig",
     "TokenDropConfig",
     "check_keep",
     "drop_schedule",

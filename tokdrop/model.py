@@ -1,5 +1,5 @@
-"""BERT encoders with token dropping, NarrowBERT and random-LTD, parameter-compatible with Hugging
-Face BERT.
+"""BERT and RoBERTa encoders with token dropping, NarrowBERT and random-LTD, parameter-compatible with
+Hugging Face's.
 
 A forward pass, from BertForMaskedLM.forward down: the inputs are checked; the predicted positions
 are packed into static slots; BertModel.encode embeds the tokens, picks the attention backend once
@@ -7,18 +7,21 @@ are packed into static slots; BertModel.encode embeds the tokens, picks the atte
 whose layer plan (tokdrop.layers) follows the config's mode; each BertLayer calls
 tokdrop.kernels.attention, which runs the chosen backend (the Triton kernels on CUDA by default);
 the MLM head decodes the predicted positions only.
+
+RoBERTa shares all of it: its classes differ from BERT's in parameter names (`roberta.`, `lm_head.`),
+position ids (offset by padding_idx + 1), one token type, and the classification head.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokdrop.config import ACTIVATIONS, BertConfig
+from tokdrop.config import ACTIVATIONS, BertConfig, RobertaConfig
 from tokdrop.hf_checkpoint import PretrainedMixin
 from tokdrop.kernels import Backend, active_backend, resolve_backend
 from tokdrop.layers import (
@@ -36,9 +39,21 @@ from tokdrop.layers import (
 IGNORE_INDEX = -100
 
 
+def _field(self: tuple, key: int | slice | str) -> Any:
+    """Outputs answer by position (a tuple's index) and, like transformers' ModelOutput, by name."""
+    return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
+
+
+def _items(self: tuple) -> list[tuple[str, Any]]:
+    """The fields that are set, by name: what transformers' ModelOutput holds as a dict."""
+    return [(name, value) for name, value in zip(self._fields, self, strict=True) if value is not None]
+
+
 class BertOutput(NamedTuple):
     last_hidden_state: Tensor  # [B, S, H], or [B, M, H] at the query positions
     pooler_output: Tensor | None  # [B, H] from the first position, or None without a pooler
+    __getitem__ = _field
+    items = _items
 
 
 class MaskedLMOutput(NamedTuple):
@@ -46,35 +61,49 @@ class MaskedLMOutput(NamedTuple):
     logits: Tensor  # [B, P, V] at `positions`; [B, S, V] when no labels are given
     positions: Tensor  # [B, P] predicted positions; the first `counts[b]` of row b are real
     counts: Tensor  # [B]
+    __getitem__ = _field
+    items = _items
 
 
 class SequenceClassifierOutput(NamedTuple):
     loss: Tensor | None
     logits: Tensor  # [B, num_labels]
+    __getitem__ = _field
+    items = _items
 
 
 def check_inputs(
     config: BertConfig, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None
 ) -> None:
-    """Raise a ValueError/TypeError naming whatever is wrong with a batch (eagerly only)."""
-    if not isinstance(input_ids, Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+    """Raise a ValueError/TypeError naming whatever is wrong with a batch (the value checks eagerly only)."""
+    if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(
-            f"input_ids must be an integer tensor, got {type(input_ids).__name__} {getattr(input_ids, 'dtype', '')}"
+            f"input_ids must be an integer tensor, got {type(input_ids).__name__} "
+            f"{getattr(input_ids, 'dtype', '')} (int64 and int32 are taken)"
         )
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, seq_len] tensor, got shape {tuple(input_ids.shape)}")
+    for name, extra in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if extra is None:
+            continue
+        if not isinstance(extra, Tensor):
+            raise TypeError(f"{name} must be a tensor like input_ids, got {type(extra).__name__}")
+        if tuple(extra.shape) != tuple(input_ids.shape):
+            raise ValueError(f"{name} has shape {tuple(extra.shape)} but input_ids has {tuple(input_ids.shape)}")
+    if token_type_ids is not None and (token_type_ids.dtype.is_floating_point or token_type_ids.dtype == torch.bool):
+        raise TypeError(f"token_type_ids must be an integer tensor, got {token_type_ids.dtype}")
     seq_len = input_ids.shape[1]
-    if seq_len > config.max_position_embeddings:
-        raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings={config.max_position_embeddings}")
+    if seq_len > config.max_sequence_length:
+        offset = f" less the position offset {config.position_offset}" if config.position_offset else ""
+        raise ValueError(
+            f"sequence length {seq_len} exceeds max_position_embeddings={config.max_position_embeddings}{offset}"
+        )
     if torch.compiler.is_compiling():
         return
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= config.vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
-    for name, extra in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-        if extra is not None and tuple(extra.shape) != tuple(input_ids.shape):
-            raise ValueError(f"{name} has shape {tuple(extra.shape)} but input_ids has {tuple(input_ids.shape)}")
     if token_type_ids is not None and (
         int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= config.type_vocab_size
     ):
@@ -110,6 +139,13 @@ def check_labels(labels: object, shape: tuple[int, ...], low: int, high: int) ->
             raise ValueError(f"labels must be in [{low}, {high}) or {IGNORE_INDEX}, got {int(bad[0])}")
 
 
+def _mean_loss(losses: Tensor, count: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
+    """Sum of `losses` over `count` items, or over `num_items_in_batch` when a trainer gives the count
+    of a batch accumulated over several micro-batches (transformers.Trainer does)."""
+    total = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return losses.sum() / total
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -118,9 +154,11 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.position_offset = config.position_offset
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        # Right padding: position j of every row is token j (padding rows are never read).
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device) + self.position_offset
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
@@ -172,8 +210,10 @@ class BertModel(PretrainedMixin, nn.Module):
     """BERT encoder. Token dropping (config.token_drop) and random-LTD (config.random_ltd) act in
     training mode only; NarrowBERT (config.narrow) shapes the encoder in every mode."""
 
-    checkpoint_prefix = ""
+    config_class = BertConfig
+    base_model_prefix = ""
     optional_keys = ("pooler.",)
+    tied_keys = ()
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
         super().__init__()
@@ -223,9 +263,12 @@ class BertModel(PretrainedMixin, nn.Module):
         query_index: Tensor | None = None,
         query_lens: Tensor | None = None,
         token_scores: Tensor | None = None,
+        return_dict: bool | None = None,
     ) -> BertOutput:
         """query_index [B, M] / query_lens [B] (index layout of tokdrop.layers): return only these
-        positions. token_scores [B, S]: importance that overrides the model's own for dropping."""
+        positions. token_scores [B, S]: importance that overrides the model's own for dropping.
+        return_dict is accepted for transformers' callers: the output is a named tuple that also
+        answers by field name."""
         check_inputs(self.config, input_ids, attention_mask, token_type_ids)
         return self.encode(
             input_ids,
@@ -266,7 +309,15 @@ class BertModel(PretrainedMixin, nn.Module):
         return BertOutput(hidden, pooled)
 
 
+class RobertaModel(BertModel):
+    """RoBERTa encoder: BertModel with RoBERTa's position ids and one token type."""
+
+    config_class = RobertaConfig
+
+
 class BertLMPredictionHead(nn.Module):
+    """transform (dense, activation, LayerNorm), then the decoder tied to the word embeddings."""
+
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding) -> None:
         super().__init__()
         self.transform = nn.Module()
@@ -283,25 +334,52 @@ class BertLMPredictionHead(nn.Module):
         return self.decoder(hidden)
 
 
-class BertForMaskedLM(PretrainedMixin, nn.Module):
+class RobertaLMHead(nn.Module):
+    """RoBERTa's MLM head: dense, GELU, layer_norm, then the decoder tied to the word embeddings."""
+
+    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.decoder.weight = word_embeddings.weight
+        self.decoder.bias = self.bias
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.decoder(self.layer_norm(F.gelu(self.dense(hidden))))
+
+
+class _MaskedLM(PretrainedMixin, nn.Module):
     """Masked-LM pretraining; the head runs only at the predicted positions.
 
     Predicted positions are packed into P slots per row: config.max_predictions_per_seq when set
     (static shapes, needed for torch.compile to skip the host sync), else the largest count in the
-    batch. In NarrowBERT mode the predicted positions are the narrow layers' queries.
+    batch. In NarrowBERT mode the predicted positions are the narrow layers' queries, and with
+    config.last_layer_subset the last layer's.
     """
 
-    checkpoint_prefix = "bert."
-    optional_keys = ("cls.",)
+    # transformers.Trainer then passes num_items_in_batch, the predictions of an accumulated batch.
+    accepts_loss_kwargs = True
 
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, base: type[BertModel]) -> None:
         super().__init__()
         self.config = config
-        self.bert = BertModel(config, add_pooling_layer=False)
-        self.cls = nn.Module()
-        self.cls.predictions = BertLMPredictionHead(config, self.bert.embeddings.word_embeddings)
-        # The decoder is tied to the word embeddings, which BertModel initialised.
-        self.cls.predictions.transform.apply(lambda module: init_bert_weights(module, config.initializer_range))
+        setattr(self, self.base_model_prefix, base(config, add_pooling_layer=False))
+
+    def _init_head(self) -> None:
+        # The decoder is tied to the word embeddings, which the encoder initialised.
+        for module in self.head.modules():
+            if module is not self.head.decoder:
+                init_bert_weights(module, self.config.initializer_range)
+
+    @property
+    def base_model(self) -> BertModel:
+        return getattr(self, self.base_model_prefix)
+
+    @property
+    def head(self) -> nn.Module:
+        raise NotImplementedError
 
     def _prediction_slots(self, labels: Tensor) -> tuple[Tensor, Tensor]:
         seq_len = labels.shape[1]
@@ -319,16 +397,22 @@ class BertForMaskedLM(PretrainedMixin, nn.Module):
         labels: Tensor | None = None,
         *,
         token_scores: Tensor | None = None,
+        num_items_in_batch: Tensor | int | None = None,
+        return_dict: bool | None = None,
     ) -> MaskedLMOutput:
+        """labels [B, S]: the original id at predicted positions, IGNORE_INDEX elsewhere.
+        num_items_in_batch: divide the summed loss by this many predictions instead of this
+        batch's (a trainer's gradient accumulation). return_dict: accepted, see BertModel.forward."""
         check_inputs(self.config, input_ids, attention_mask, token_type_ids)
+        model = self.base_model
         if labels is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
             counts = torch.full_like(positions[:, 0], input_ids.shape[1])
-            hidden = self.bert.encode(input_ids, attention_mask, token_type_ids, token_scores=token_scores)[0]
-            return MaskedLMOutput(None, self.cls.predictions(hidden), positions, counts)
+            hidden = model.encode(input_ids, attention_mask, token_type_ids, token_scores=token_scores)[0]
+            return MaskedLMOutput(None, self.head(hidden), positions, counts)
         check_labels(labels, tuple(input_ids.shape), 0, self.config.vocab_size)
         positions, counts = self._prediction_slots(labels)
-        hidden = self.bert.encode(
+        hidden = model.encode(
             input_ids,
             attention_mask,
             token_type_ids,
@@ -336,34 +420,80 @@ class BertForMaskedLM(PretrainedMixin, nn.Module):
             query_lens=counts,
             token_scores=token_scores,
         )[0]
-        logits = self.cls.predictions(hidden)
+        logits = self.head(hidden)
         slot_valid = torch.arange(positions.shape[1], device=positions.device) < counts[:, None]
         targets = torch.where(slot_valid, labels.gather(1, positions), IGNORE_INDEX)
         per_prediction = F.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         )
-        loss = per_prediction.sum() / slot_valid.sum().clamp(min=1)
-        importance = self.bert.token_importance
-        if importance is not None:
-            importance.update(targets, per_prediction.detach().view_as(targets))
+        loss = _mean_loss(per_prediction, slot_valid.sum(), num_items_in_batch)
+        if model.token_importance is not None:
+            model.token_importance.update(targets, per_prediction.detach().view_as(targets))
         return MaskedLMOutput(loss, logits, positions, counts)
 
 
-class BertForSequenceClassification(PretrainedMixin, nn.Module):
-    """[CLS] classification (regression when num_labels == 1). Fine-tuning runs the full encoder:
-    token dropping and random-LTD are pretraining modes. In NarrowBERT mode [CLS] is the only query."""
+class BertForMaskedLM(_MaskedLM):
+    __doc__ = _MaskedLM.__doc__
+    config_class = BertConfig
+    base_model_prefix = "bert"
+    optional_keys = ("cls.",)
+    tied_keys = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 
-    checkpoint_prefix = "bert."
-    optional_keys = ("classifier.", "bert.pooler.")
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config, BertModel)
+        self.cls = nn.Module()  # Hugging Face's parameter names: cls.predictions.*
+        self.cls.predictions = BertLMPredictionHead(config, self.bert.embeddings.word_embeddings)
+        self._init_head()
+
+    @property
+    def head(self) -> nn.Module:
+        return self.cls.predictions
+
+
+class RobertaForMaskedLM(_MaskedLM):
+    __doc__ = _MaskedLM.__doc__
+    config_class = RobertaConfig
+    base_model_prefix = "roberta"
+    optional_keys = ("lm_head.",)
+    tied_keys = ("lm_head.decoder.weight", "lm_head.decoder.bias")
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config, RobertaModel)
+        self.lm_head = RobertaLMHead(config, self.roberta.embeddings.word_embeddings)
+        self._init_head()
+
+    @property
+    def head(self) -> nn.Module:
+        return self.lm_head
+
+
+class RobertaClassificationHead(nn.Module):
+    """RoBERTa's head on the first token: dropout, dense, tanh, dropout, out_proj."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        self.config = config
-        self.bert = BertModel(dataclasses.replace(config, token_drop=None, random_ltd=None))
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         dropout = config.hidden_dropout_prob if config.classifier_dropout is None else config.classifier_dropout
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        init_bert_weights(self.classifier, config.initializer_range)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, first_token: Tensor) -> Tensor:
+        return self.out_proj(self.dropout(torch.tanh(self.dense(self.dropout(first_token)))))
+
+
+class _SequenceClassification(PretrainedMixin, nn.Module):
+    """First-token classification (regression when num_labels == 1). Fine-tuning runs the full
+    encoder: token dropping and random-LTD are pretraining modes. In NarrowBERT mode the first token
+    is the only query."""
+
+    accepts_loss_kwargs = True
+
+    @property
+    def base_model(self) -> BertModel:
+        return getattr(self, self.base_model_prefix)
+
+    def _logits(self, encoded: BertOutput) -> Tensor:
+        raise NotImplementedError
 
     def forward(
         self,
@@ -371,39 +501,92 @@ class BertForSequenceClassification(PretrainedMixin, nn.Module):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         labels: Tensor | None = None,
+        *,
+        num_items_in_batch: Tensor | int | None = None,
+        return_dict: bool | None = None,
     ) -> SequenceClassifierOutput:
+        """labels [B]: class ids (float targets for regression). num_items_in_batch and return_dict
+        as in the masked-LM models."""
         check_inputs(self.config, input_ids, attention_mask, token_type_ids)
         query_index = query_lens = None
         if self.config.narrow is not None:
             query_index = torch.zeros_like(input_ids[:, :1])
             query_lens = torch.ones_like(input_ids[:, 0])
-        pooled = self.bert.encode(
+        encoded = self.base_model.encode(
             input_ids, attention_mask, token_type_ids, query_index=query_index, query_lens=query_lens
-        ).pooler_output
-        logits = self.classifier(self.dropout(pooled))
+        )
+        logits = self._logits(encoded)
         if labels is None:
             return SequenceClassifierOutput(None, logits)
+        batch = input_ids.shape[0]
         if self.config.num_labels == 1:
-            if not isinstance(labels, Tensor) or tuple(labels.shape) != (input_ids.shape[0],):
+            if not isinstance(labels, Tensor) or tuple(labels.shape) != (batch,):
                 raise ValueError(
-                    f"regression labels must be a tensor of shape ({input_ids.shape[0]},), "
+                    f"regression labels must be a tensor of shape ({batch},), "
                     f"got {tuple(getattr(labels, 'shape', ()))} ({type(labels).__name__})"
                 )
-            loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            losses = F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none")
+            counted = torch.tensor(batch, device=logits.device)
         else:
-            check_labels(labels, (input_ids.shape[0],), 0, self.config.num_labels)
-            loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
-        return SequenceClassifierOutput(loss, logits)
+            check_labels(labels, (batch,), 0, self.config.num_labels)
+            losses = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+            counted = (labels != IGNORE_INDEX).sum()
+        return SequenceClassifierOutput(_mean_loss(losses, counted, num_items_in_batch), logits)
+
+
+def _fine_tuning(config: BertConfig) -> BertConfig:
+    return dataclasses.replace(config, token_drop=None, random_ltd=None)
+
+
+class BertForSequenceClassification(_SequenceClassification):
+    __doc__ = _SequenceClassification.__doc__
+    config_class = BertConfig
+    base_model_prefix = "bert"
+    optional_keys = ("classifier.", "bert.pooler.")
+    tied_keys = ()
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(_fine_tuning(config))
+        dropout = config.hidden_dropout_prob if config.classifier_dropout is None else config.classifier_dropout
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        init_bert_weights(self.classifier, config.initializer_range)
+
+    def _logits(self, encoded: BertOutput) -> Tensor:
+        return self.classifier(self.dropout(encoded.pooler_output))
+
+
+class RobertaForSequenceClassification(_SequenceClassification):
+    __doc__ = _SequenceClassification.__doc__
+    config_class = RobertaConfig
+    base_model_prefix = "roberta"
+    optional_keys = ("classifier.",)
+    tied_keys = ()
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.roberta = RobertaModel(_fine_tuning(config), add_pooling_layer=False)
+        self.classifier = RobertaClassificationHead(config)
+        self.classifier.apply(lambda module: init_bert_weights(module, config.initializer_range))
+
+    def _logits(self, encoded: BertOutput) -> Tensor:
+        return self.classifier(encoded.last_hidden_state[:, 0])
 
 
 __all__ = [
     "BertForMaskedLM",
     "BertForSequenceClassification",
     "BertModel",
-    "layer_plan",
     "BertOutput",
     "MaskedLMOutput",
+    "RobertaForMaskedLM",
+    "RobertaForSequenceClassification",
+    "RobertaModel",
     "SequenceClassifierOutput",
     "check_inputs",
     "check_labels",
+    "layer_plan",
 ]

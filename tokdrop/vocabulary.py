@@ -1,0 +1,46 @@
+"""The special tokens of a tokenizer, from Hugging Face `tokenizers` or from `transformers`, in BERT's
+naming ([PAD], [CLS], ...) or RoBERTa's (<pad>, <s>, ...)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokdrop.data import SpecialTokenIds
+
+# Each role's token in BERT's and in RoBERTa's vocabularies.
+_NAMES = {
+    "pad": ("[PAD]", "<pad>"),
+    "unk": ("[UNK]", "<unk>"),
+    "cls": ("[CLS]", "<s>"),
+    "sep": ("[SEP]", "</s>"),
+    "mask": ("[MASK]", "<mask>"),
+}
+
+
+def special_tokens(tokenizer: Any) -> SpecialTokenIds:
+    """The ids of [PAD], [UNK], [CLS], [SEP] and [MASK] (or RoBERTa's <pad>, <unk>, <s>, </s>, <mask>)
+    of a `tokenizers.Tokenizer` or a transformers tokenizer."""
+    if hasattr(tokenizer, "token_to_id"):  # tokenizers.Tokenizer
+        lookup = tokenizer.token_to_id
+    elif hasattr(tokenizer, "convert_tokens_to_ids") and hasattr(tokenizer, "get_vocab"):
+        vocab = tokenizer.get_vocab()
+        lookup = vocab.get
+    else:
+        raise TypeError(f"expected a tokenizers.Tokenizer or a transformers tokenizer, got {type(tokenizer).__name__}")
+    ids, missing = {}, []
+    for role, names in _NAMES.items():
+        found = [lookup(name) for name in names if lookup(name) is not None]
+        if found:
+            ids[role] = found[0]
+        else:
+            missing.append(" or ".join(names))
+    if missing:
+        raise ValueError(f"the vocabulary lacks the special tokens {missing}")
+    return SpecialTokenIds(**ids)
+
+
+def special_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The ids token dropping always keeps: [CLS], [SEP], [MASK] and [UNK] (RoBERTa: <s>, </s>, <mask>,
+    <unk>), for TokenDropConfig(allow_ids=...)."""
+    ids = special_tokens(tokenizer)
+    return (ids.cls, ids.sep, ids.mask, ids.unk)
