@@ -361,3 +361,65 @@ def test_shallow_models_build_and_train(layers, mode):
     ids, mask, types, labels = batch()
     model(ids, mask, types, labels).loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- ScTD
+
+
+def sctd_model(keep=0.5, **changes):
+    drop = tokdrop.TokenDropConfig(keep=keep, allow_ids=(4,), consistency_every=10, consistency_weight=0.05)
+    return make(tokdrop.BertForMaskedLM, token_drop=drop, **changes).train()
+
+
+def test_sctd_terms_vanish_when_nothing_is_dropped():
+    """keep=1.0: the dropping pass is the full pass, so both KL terms are 0 and the loss is the MLM loss."""
+    ids, mask, types, labels = batch()
+    model = sctd_model(keep=1.0)
+    plain = model(ids, mask, types, labels).loss
+    step = model(ids, mask, types, labels, consistency=True)
+    assert abs(step.consistency.item()) < 1e-15
+    torch.testing.assert_close(step.loss, plain, rtol=0, atol=1e-12)
+    assert bool((step.positions[:, 0] == 0).all())  # the first token rides along as a query
+
+
+def test_sctd_gradients_reach_the_encoder_and_not_the_mlm_head():
+    ids, mask, types, labels = batch()
+    model = sctd_model()
+    scores = torch.randn(ids.shape, dtype=torch.float64)
+    out = model(ids, mask, types, labels, token_scores=scores, consistency=True)
+    assert out.consistency > 0
+    out.consistency.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    for name, grad in grads.items():
+        if name.startswith("cls."):
+            assert grad is None or grad.abs().sum() == 0, name
+        elif name.startswith("bert.encoder.layer.") or name.startswith("bert.embeddings.word"):
+            assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_sctd_step_averages_the_two_mlm_losses_and_updates_importance_from_the_dropping_pass():
+    ids, mask, types, labels = batch()
+    scores = torch.randn(ids.shape, dtype=torch.float64)
+    dropping, both = sctd_model(), sctd_model()
+    full = make(tokdrop.BertForMaskedLM).train()
+    full.load_state_dict({k: v for k, v in dropping.state_dict().items() if "token_importance" not in k})
+    expected = 0.5 * (
+        dropping(ids, mask, types, labels, token_scores=scores).loss + full(ids, mask, types, labels).loss
+    )
+    step = both(ids, mask, types, labels, token_scores=scores, consistency=True)
+    predictions = (labels != -100).sum()
+    torch.testing.assert_close(step.loss, expected + step.consistency / predictions, rtol=0, atol=1e-12)
+    torch.testing.assert_close(both.bert.token_importance.table, dropping.bert.token_importance.table)
+
+
+def test_sctd_is_refused_where_it_does_not_apply():
+    ids, mask, types, labels = batch()
+    with pytest.raises(ValueError, match="consistency=True is ScTD's step of token-dropping training"):
+        make(tokdrop.BertForMaskedLM).train()(ids, mask, types, labels, consistency=True)
+    with pytest.raises(ValueError, match="consistency=True .* training=False"):
+        sctd_model().eval()(ids, mask, types, labels, consistency=True)
+    with pytest.raises(ValueError, match="consistency_every needs a full last layer"):
+        tokdrop.TokenDropConfig(consistency_every=5, end_layer=4) and dataclasses.replace(
+            BASE, token_drop=tokdrop.TokenDropConfig(consistency_every=5, end_layer=4)
+        )
+    assert [s for s in range(25) if tokdrop.TokenDropConfig(consistency_every=10).consistency_due(s)] == [0, 10, 20]

@@ -230,3 +230,17 @@ def test_unknown_keyword_arguments_are_named(caplog):
     ids, mask, types = batch(True)
     with pytest.raises(TypeError, match="output_attentions"), caplog.at_level(logging.ERROR):
         model(ids, mask, types, output_attentions=True)
+
+
+@pytest.mark.parametrize("cls_name", FAMILIES["roberta"])
+def test_roberta_checkpoints_load_both_ways(cls_name, tmp_path):
+    hf = hf_model(cls_name)
+    hf.save_pretrained(tmp_path / "hf")
+    td = getattr(tokdrop, cls_name).from_pretrained(tmp_path / "hf").eval()
+    assert td.config.position_offset == 2 and td.config.max_sequence_length == 24
+    assert_same_outputs(hf, td, cls_name, padded=True)
+    td.save_pretrained(tmp_path / "td")
+    back = getattr(transformers, cls_name).from_pretrained(tmp_path / "td").eval()
+    assert_same_outputs(back, td, cls_name, padded=True)
+    with pytest.raises(ValueError, match="not a BERT config: model_type='roberta'"):
+        tokdrop.BertModel.from_pretrained(tmp_path / "hf")

@@ -62,6 +62,12 @@ class TokenDropConfig:
     "random" keeps a random subset (one subset for the whole dropped block: not random-LTD, which
     draws per layer, see RandomLTDConfig). `allow_ids` are always kept ([CLS], [SEP], [MASK], [UNK];
     `tokdrop.special_token_ids` lists them for a tokenizer).
+
+    ScTD (Zhong et al. 2023): every `consistency_every`-th training step (0: never) the batch also
+    runs through the full model, and the loss becomes the mean of both MLM losses plus
+    `consistency_weight` x two KL divergences between the first token's representations of the
+    dropping and the full pass (the input of the last layer, and the output). The model computes it
+    when the training loop asks (forward(consistency=True); `consistency_due(step)` says when).
     """
 
     keep: float | int = 0.5
@@ -71,9 +77,17 @@ class TokenDropConfig:
     beta: float = 0.995
     init_value: float = 10.0
     allow_ids: tuple[int, ...] = ()
+    consistency_every: int = 0
+    consistency_weight: float = 0.05
+
+    def consistency_due(self, step: int) -> bool:
+        """Whether training step `step` (0-based) is one of ScTD's consistency steps."""
+        return self.consistency_every > 0 and step % self.consistency_every == 0
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
+        check_int("consistency_every", self.consistency_every, 0)
+        check_number("consistency_weight", self.consistency_weight, minimum=0.0)
         for name in ("start_layer", "end_layer"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 0)
@@ -219,7 +233,12 @@ class BertConfig:
                     f"{name}.keep={mode.keep} tokens exceeds max_position_embeddings={self.max_position_embeddings}"
                 )
         if self.token_drop is not None:
-            drop_schedule(layers, self.token_drop.start_layer, self.token_drop.end_layer)
+            _, end = drop_schedule(layers, self.token_drop.start_layer, self.token_drop.end_layer)
+            if self.token_drop.consistency_every and end == layers:
+                raise ValueError(
+                    "token_drop.consistency_every needs a full last layer (end_layer < num_hidden_layers): "
+                    f"its constraints compare the restored states, got end_layer={end}"
+                )
             for token_id in self.token_drop.allow_ids:
                 if token_id >= self.vocab_size:
                     raise ValueError(f"allow_ids entry {token_id} is outside vocab_size={self.vocab_size}")
@@ -262,8 +281,7 @@ class BertConfig:
         model_type = raw.get("model_type")
         if model_type != cls.model_type:
             raise ValueError(
-                f"not a {cls.architecture} config: model_type={model_type!r} "
-                f"(expected {cls.model_type!r})"
+                f"not a {cls.architecture} config: model_type={model_type!r} (expected {cls.model_type!r})"
             )
         position_type = raw.get("position_embedding_type", "absolute")
         if position_type != "absolute":

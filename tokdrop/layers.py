@@ -307,9 +307,10 @@ class Encoder(nn.Module):
     """Run a stack of layers (the layer protocol) by a plan of one kind per layer (module docstring).
 
     forward(hidden [B, S, H], lengths [B], *, scores [B, S] or None, query_index [B, M] or None,
-    query_lens [B] or None) -> [B, S, H], or [B, M, H] at the query positions when query_index is
-    given. `keep` (a fraction of each row's real tokens, or a count) sets how many tokens the cross,
-    kept and ltd layers see; it may change between calls.
+    query_lens [B] or None, inputs list or None) -> [B, S, H], or [B, M, H] at the query positions
+    when query_index is given. `inputs`, when given, receives each layer's input x in turn (every
+    token, the kept tokens or the queries). `keep` (a fraction of each row's real tokens, or a count)
+    sets how many tokens the cross, kept and ltd layers see; it may change between calls.
     """
 
     def __init__(self, layers: Sequence[nn.Module], plan: Sequence[str], keep: float | int = 0.5) -> None:
@@ -332,6 +333,7 @@ class Encoder(nn.Module):
         scores: Tensor | None = None,
         query_index: Tensor | None = None,
         query_lens: Tensor | None = None,
+        inputs: list[Tensor] | None = None,
     ) -> Tensor:
         seq_len = hidden.shape[1]
         check_lengths(lengths, lengths, seq_len, seq_len)
@@ -343,23 +345,24 @@ class Encoder(nn.Module):
         if scores is not None and scores.shape != hidden.shape[:2]:
             raise ValueError(f"scores have shape {tuple(scores.shape)}, the hidden states {tuple(hidden.shape[:2])}")
 
+        record = (lambda x: x) if inputs is None else (lambda x: inputs.append(x) or x)
         saved = kept = index = kept_lens = None  # while tokens are dropped
         queries = context = None  # from the first narrow layer on
         for layer, kind in zip(self.layer, self.plan, strict=True):
             if kind == KEPT and kept is not None:
-                kept = layer(kept, kept_lens)
+                kept = layer(record(kept), kept_lens)
                 continue
             if kept is not None:
                 hidden, kept = restore_tokens(saved, kept, index, kept_lens, validate=False), None
             if kind == CROSS and scores is not None:
                 index, kept_lens = select_tokens(scores, lengths, self.keep)
                 saved = hidden
-                kept = layer(drop_tokens(hidden, index, validate=False), kept_lens, hidden, lengths)
+                kept = layer(record(drop_tokens(hidden, index, validate=False)), kept_lens, hidden, lengths)
             elif kind == LTD and self.training:
                 index, kept_lens = select_tokens(
                     torch.rand(hidden.shape[:2], device=hidden.device), lengths, self._ltd_keep(seq_len)
                 )
-                subset = layer(drop_tokens(hidden, index, validate=False), kept_lens)
+                subset = layer(record(drop_tokens(hidden, index, validate=False)), kept_lens)
                 hidden = restore_tokens(hidden, subset, index, kept_lens, validate=False)
             elif kind == NARROW:
                 if queries is None:
@@ -369,9 +372,9 @@ class Encoder(nn.Module):
                         if query_index is None
                         else (drop_tokens(hidden, query_index, validate=False), query_lens)
                     )
-                queries = layer(queries, query_lens, context, lengths)
+                queries = layer(record(queries), query_lens, context, lengths)
             else:
-                hidden = layer(hidden, lengths)
+                hidden = layer(record(hidden), lengths)
         if kept is not None:
             hidden = restore_tokens(saved, kept, index, kept_lens, validate=False)
         if queries is not None:

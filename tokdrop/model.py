@@ -61,6 +61,7 @@ class MaskedLMOutput(NamedTuple):
     logits: Tensor  # [B, P, V] at `positions`; [B, S, V] when no labels are given
     positions: Tensor  # [B, P] predicted positions; the first `counts[b]` of row b are real
     counts: Tensor  # [B]
+    consistency: Tensor | None = None  # ScTD's KL term (weighted, in the loss) on consistency steps
     __getitem__ = _field
     items = _items
 
@@ -137,6 +138,11 @@ def check_labels(labels: object, shape: tuple[int, ...], low: int, high: int) ->
         bad = labels[((labels < low) | (labels >= high)) & (labels != IGNORE_INDEX)]
         if len(bad):
             raise ValueError(f"labels must be in [{low}, {high}) or {IGNORE_INDEX}, got {int(bad[0])}")
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Losses of bf16/fp16 logits in float32; float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _mean_loss(losses: Tensor, count: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
@@ -288,15 +294,19 @@ class BertModel(PretrainedMixin, nn.Module):
         query_index: Tensor | None = None,
         query_lens: Tensor | None = None,
         token_scores: Tensor | None = None,
+        dropping: bool = True,
+        inputs: list[Tensor] | None = None,
     ) -> BertOutput:
-        """forward() without the input checks, for the heads that ran them already."""
+        """forward() without the input checks, for the heads that ran them already. dropping=False
+        runs a training pass of a token-dropping model in full; `inputs` collects each layer's
+        input (tokdrop.layers.Encoder)."""
         batch, seq_len = input_ids.shape
         if attention_mask is None:
             lengths = torch.full((batch,), seq_len, dtype=torch.long, device=input_ids.device)
         else:
             lengths = attention_mask.sum(dim=1, dtype=torch.long)
         scores = None
-        if self.training and self.token_importance is not None:
+        if self.training and self.token_importance is not None and dropping:
             if token_scores is not None and token_scores.shape != input_ids.shape:
                 raise ValueError(
                     f"token_scores has shape {tuple(token_scores.shape)} but input_ids has {tuple(input_ids.shape)}"
@@ -304,7 +314,9 @@ class BertModel(PretrainedMixin, nn.Module):
             scores = self.token_importance.scores(input_ids) if token_scores is None else token_scores
         hidden = self.embeddings(input_ids, token_type_ids)
         with active_backend(self.attention_backend(input_ids.device.type)):
-            hidden = self.encoder(hidden, lengths, scores=scores, query_index=query_index, query_lens=query_lens)
+            hidden = self.encoder(
+                hidden, lengths, scores=scores, query_index=query_index, query_lens=query_lens, inputs=inputs
+            )
         pooled = None if self.pooler is None else self.pooler(hidden[:, 0])
         return BertOutput(hidden, pooled)
 
@@ -381,9 +393,8 @@ class _MaskedLM(PretrainedMixin, nn.Module):
     def head(self) -> nn.Module:
         raise NotImplementedError
 
-    def _prediction_slots(self, labels: Tensor) -> tuple[Tensor, Tensor]:
-        seq_len = labels.shape[1]
-        predicted = labels != IGNORE_INDEX
+    def _prediction_slots(self, predicted: Tensor) -> tuple[Tensor, Tensor]:
+        seq_len = predicted.shape[1]
         slots = self.config.max_predictions_per_seq
         if slots is None:
             slots = seq_len if torch.compiler.is_compiling() else max(1, int(predicted.sum(dim=1).max()))
@@ -397,12 +408,15 @@ class _MaskedLM(PretrainedMixin, nn.Module):
         labels: Tensor | None = None,
         *,
         token_scores: Tensor | None = None,
+        consistency: bool = False,
         num_items_in_batch: Tensor | int | None = None,
         return_dict: bool | None = None,
     ) -> MaskedLMOutput:
         """labels [B, S]: the original id at predicted positions, IGNORE_INDEX elsewhere.
-        num_items_in_batch: divide the summed loss by this many predictions instead of this
-        batch's (a trainer's gradient accumulation). return_dict: accepted, see BertModel.forward."""
+        consistency: a ScTD consistency step (TokenDropConfig.consistency_due says when); the first
+        slot of each row then holds the first token. num_items_in_batch: divide the summed loss by
+        this many predictions instead of this batch's (a trainer's gradient accumulation).
+        return_dict: accepted, see BertModel.forward."""
         check_inputs(self.config, input_ids, attention_mask, token_type_ids)
         model = self.base_model
         if labels is None:
@@ -411,25 +425,63 @@ class _MaskedLM(PretrainedMixin, nn.Module):
             hidden = model.encode(input_ids, attention_mask, token_type_ids, token_scores=token_scores)[0]
             return MaskedLMOutput(None, self.head(hidden), positions, counts)
         check_labels(labels, tuple(input_ids.shape), 0, self.config.vocab_size)
-        positions, counts = self._prediction_slots(labels)
-        hidden = model.encode(
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            query_index=positions,
-            query_lens=counts,
-            token_scores=token_scores,
-        )[0]
-        logits = self.head(hidden)
+        predicted = labels != IGNORE_INDEX
+        if consistency:
+            self._check_consistency()
+            predicted = predicted | (torch.arange(labels.shape[1], device=labels.device) == 0)
+        positions, counts = self._prediction_slots(predicted)
         slot_valid = torch.arange(positions.shape[1], device=positions.device) < counts[:, None]
         targets = torch.where(slot_valid, labels.gather(1, positions), IGNORE_INDEX)
-        per_prediction = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        loss = _mean_loss(per_prediction, slot_valid.sum(), num_items_in_batch)
+        predictions = (targets != IGNORE_INDEX).sum()
+
+        def run(dropping: bool, inputs: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+            hidden = model.encode(
+                input_ids,
+                attention_mask,
+                token_type_ids,
+                query_index=positions,
+                query_lens=counts,
+                token_scores=token_scores,
+                dropping=dropping,
+                inputs=inputs,
+            )[0]
+            logits = self.head(hidden)
+            per_prediction = F.cross_entropy(
+                _at_least_fp32(logits.flatten(0, 1)), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            return hidden, logits, per_prediction
+
+        if not consistency:
+            _, logits, per_prediction = run(dropping=True)
+            loss, term = _mean_loss(per_prediction, predictions, num_items_in_batch), None
+        else:
+            dropped_inputs, full_inputs = [], []
+            dropped, logits, per_prediction = run(dropping=True, inputs=dropped_inputs)
+            full, _, full_per_prediction = run(dropping=False, inputs=full_inputs)
+            mlm = 0.5 * (per_prediction + full_per_prediction)
+            kl = _first_token_kl(dropped_inputs[-1], full_inputs[-1]) + _first_token_kl(dropped, full)
+            term = self.config.token_drop.consistency_weight * kl
+            loss = _mean_loss(mlm, predictions, num_items_in_batch) + _mean_loss(term, predictions, num_items_in_batch)
         if model.token_importance is not None:
             model.token_importance.update(targets, per_prediction.detach().view_as(targets))
-        return MaskedLMOutput(loss, logits, positions, counts)
+        return MaskedLMOutput(loss, logits, positions, counts, term)
+
+    def _check_consistency(self) -> None:
+        if self.config.token_drop is None or not self.training:
+            raise ValueError(
+                "consistency=True is ScTD's step of token-dropping training: it needs config.token_drop "
+                f"and training mode (token_drop={self.config.token_drop!r}, training={self.training})"
+            )
+
+
+def _first_token_kl(dropped: Tensor, full: Tensor) -> Tensor:
+    """ScTD's constraint: KL(softmax(full) || softmax(dropped)) over the hidden units of the first
+    token's states [B, *, H], summed over the batch (both passes get its gradient)."""
+    return F.kl_div(
+        F.log_softmax(_at_least_fp32(dropped[:, 0]), dim=-1),
+        F.softmax(_at_least_fp32(full[:, 0]), dim=-1),
+        reduction="sum",
+    )
 
 
 class BertForMaskedLM(_MaskedLM):
@@ -525,11 +577,12 @@ class _SequenceClassification(PretrainedMixin, nn.Module):
                     f"regression labels must be a tensor of shape ({batch},), "
                     f"got {tuple(getattr(labels, 'shape', ()))} ({type(labels).__name__})"
                 )
-            losses = F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none")
+            scores = _at_least_fp32(logits.squeeze(-1))
+            losses = F.mse_loss(scores, labels.to(scores.dtype), reduction="none")
             counted = torch.tensor(batch, device=logits.device)
         else:
             check_labels(labels, (batch,), 0, self.config.num_labels)
-            losses = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+            losses = F.cross_entropy(_at_least_fp32(logits), labels, ignore_index=IGNORE_INDEX, reduction="none")
             counted = (labels != IGNORE_INDEX).sum()
         return SequenceClassifierOutput(_mean_loss(losses, counted, num_items_in_batch), logits)
 
