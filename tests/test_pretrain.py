@@ -21,19 +21,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokdrop import BertForMaskedLM, pretrain, resume
+from tokdrop import BertForMaskedLM, pretrain
 from tokdrop.data import pack_sequences
-from tokdrop.pretrain import Settings, kept_length
-from tokdrop.shards import (
-    MaskedStream,
-    PackedRows,
-    ShardSet,
-    build_shards,
-    feistel_permutation,
-    rank_batches,
-    sources_of,
-    text_files,
-)
+from tokdrop.pretrain import checkpoints
+from tokdrop.pretrain.modes import kept_length
+from tokdrop.pretrain.settings import Settings, add_arguments, read_config_file, settings_from_arguments
+from tokdrop.pretrain.shards import ShardSet, build_shards, sources_of, text_files
+from tokdrop.pretrain.stream import MaskedStream, PackedRows, feistel_permutation, rank_batches
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -90,7 +84,7 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def _checkpoints(out: Path) -> list[str]:
-    return [p.name for p in resume.list_checkpoints(out / "checkpoints")]
+    return [p.name for p in checkpoints.list_checkpoints(out / "checkpoints")]
 
 
 # ---------------------------------------------------------------------------------------- settings
@@ -103,10 +97,8 @@ def test_config_file_then_flags_and_presets(tmp_path):
         '[data]\ndata = "corpus"\nseq-len = 64\n[train]\nlr = 1\nsteps = 50\nwarmup_steps = 5\n'
     )
     parser = argparse.ArgumentParser()
-    pretrain.add_arguments(parser)
-    settings = pretrain.settings_from_arguments(
-        parser.parse_args(["--config", str(config), "--hidden", "128", "--heads", "2"])
-    )
+    add_arguments(parser)
+    settings = settings_from_arguments(parser.parse_args(["--config", str(config), "--hidden", "128", "--heads", "2"]))
     assert (settings.layers, settings.hidden, settings.heads, settings.intermediate) == (4, 128, 2, 2048)
     assert settings.mode == "narrow" and settings.seq_len == 64 and settings.lr == 1.0
     assert settings.data == [str(tmp_path / "corpus")]  # relative to the config file
@@ -115,7 +107,7 @@ def test_config_file_then_flags_and_presets(tmp_path):
     assert (base.layers, base.hidden, base.heads, base.intermediate) == (12, 768, 12, 3072)
     assert (large.layers, large.hidden, large.heads, large.intermediate) == (24, 1024, 16, 4096)
 
-    example = pretrain.read_config_file(REPO / "examples" / "pretrain_base.toml")
+    example = read_config_file(REPO / "examples" / "pretrain_base.toml")
     assert Settings(**example).hidden == 768 and example["data"] == [str(REPO / "examples" / "corpus")]
 
 
@@ -123,7 +115,7 @@ def test_yaml_config_file(tmp_path):
     pytest.importorskip("yaml")
     config = tmp_path / "run.yaml"
     config.write_text("model: {preset: tiny}\nsteps: 30\nwarmup-steps: 3\n")
-    assert pretrain.read_config_file(config) == {"preset": "tiny", "steps": 30, "warmup_steps": 3}
+    assert read_config_file(config) == {"preset": "tiny", "steps": 30, "warmup_steps": 3}
 
 
 @pytest.mark.parametrize(
@@ -425,7 +417,7 @@ def test_sigterm_checkpoints_and_stops(shards, tmp_path, monkeypatch):
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(shards, tmp_path, monkeypatch, capsys):
-    save, calls = resume.dcp.save, [0]
+    save, calls = checkpoints.dcp.save, [0]
 
     def save_until_the_disk_fills(state, checkpoint_id, **options):
         calls[0] += 1
@@ -434,14 +426,14 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(shards, tmp_path, m
         (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(resume.dcp, "save", save_until_the_disk_fills)
+    monkeypatch.setattr(checkpoints.dcp, "save", save_until_the_disk_fills)
     out = tmp_path / "run"
     assert _pretrain("--data", str(shards), "--out", str(out), *TINY) == 1
     message = capsys.readouterr().err
     assert "could not save checkpoint" in message and "No space left on device" in message
     assert "the newest intact one is" in message and "step-00000004" in message
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004"]  # no partial
-    resume.verify_checkpoint(out / "checkpoints" / "step-00000004")
+    checkpoints.verify_checkpoint(out / "checkpoints" / "step-00000004")
 
 
 # ------------------------------------------------------------------------------------- distributed

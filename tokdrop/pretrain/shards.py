@@ -1,5 +1,5 @@
-"""Token shards: a text corpus tokenised once into memory-mapped files, read back as an endless,
-seeded stream of packed and masked rows, split by data-parallel rank.
+"""Token shards: a text corpus tokenised once into memory-mapped files (`tokdrop.pretrain.stream`
+reads them back as training rows).
 
 A shard directory holds
 
@@ -8,8 +8,7 @@ A shard directory holds
     tokens-00000.bin  token ids back to back: uint16 when the vocabulary fits, else uint32
 
 Nothing holds the corpus in memory: text is read line by line and its tokens are appended to the
-current shard as they come; rows are sliced from memory maps when asked for; the shuffled order is a
-pseudo-random permutation computed per position (`feistel_permutation`), never a stored index.
+current shard as they come.
 
 Text files that are empty (nothing but white space) or not valid UTF-8 are skipped with a warning
 and listed, with the reason, under "skipped" in shards.json; no usable file at all is an error.
@@ -18,58 +17,28 @@ and listed, with the reason, under "skipped" in shards.json; no usable file at a
 from __future__ import annotations
 
 import codecs
-import hashlib
 import json
 import os
 import secrets
 import shutil
 import warnings
-from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import accumulate, chain
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
-from torch import Tensor
 from tqdm import tqdm
 
-from tokdrop.data import MaskingCollator, load_tokenizer, special_token_ids, train_tokenizer
+from tokdrop.data import load_tokenizer, special_token_ids, train_tokenizer
+from tokdrop.pretrain.distributed import on_rank_zero
+from tokdrop.pretrain.settings import Settings
 
 MANIFEST = "shards.json"
 FORMAT = "tokdrop-token-shards-1"
 TOKENIZER = "tokenizer.json"
 SHARD_TOKENS = 1 << 27  # ids per shard file (256 MiB as uint16)
 _TEXT_BATCH_CHARS = 1 << 20  # text handed to the tokenizer at once (it encodes a batch in parallel)
-_FEISTEL_ROUNDS = 4
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed determined by `parts` (e.g. the run seed, a purpose and a position)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def feistel_permutation(index: int, size: int, key: object) -> int:
-    """Position `index` of a pseudo-random permutation of range(size) chosen by `key`, in O(1) memory.
-
-    A 4-round Feistel network is a bijection on [0, 4^h) for the smallest h with 4^h >= size; values
-    that land outside range(size) are sent through it again (cycle walking), which stays inside the
-    cycle of `index` and so ends in range(size), after fewer than 4 passes on average.
-    """
-    if not 0 <= index < size:
-        raise ValueError(f"index must be in [0, {size}), got {index}")
-    half = max(1, ((size - 1).bit_length() + 1) // 2)
-    mask = (1 << half) - 1
-    value = index
-    while True:
-        left, right = value >> half, value & mask
-        for round_ in range(_FEISTEL_ROUNDS):
-            left, right = right, left ^ (derive_seed(key, round_, right) & mask)
-        value = (left << half) | right
-        if value < size:
-            return value
 
 
 # ---------------------------------------------------------------------------------------- text input
@@ -279,77 +248,28 @@ class ShardSet:
         return self._maps[shard]
 
 
-class PackedRows:
-    """Rows ``[CLS] + seq_len - 2 consecutive tokens + [SEP]`` cut from each shard in order (as
-    `tokdrop.data.pack_sequences` cuts its token stream); a shard's ragged tail is left out."""
+def prepare_shards(settings: Settings) -> ShardSet:
+    """The shard directory of --data, tokenising text on rank 0 the first time."""
+    if not settings.data:
+        raise ValueError("no data: set --data to text files, directories of them, or a shard directory")
+    if len(settings.data) == 1 and (Path(settings.data[0]) / MANIFEST).is_file():
+        return ShardSet(settings.data[0])
+    directory = Path(settings.shard_dir or Path(settings.out) / "shards")
 
-    def __init__(self, shards: ShardSet, seq_len: int, cls_id: int, sep_id: int) -> None:
-        if seq_len < 3:
-            raise ValueError(f"seq_len must be >= 3 ([CLS], a token, [SEP]), got {seq_len}")
-        self.shards, self.seq_len, self.cls_id, self.sep_id = shards, seq_len, cls_id, sep_id
-        self.body = seq_len - 2
-        self._ends = list(accumulate(count // self.body for count in shards.counts))
-        if len(self) == 0:
+    def tokenise() -> None:
+        files = text_files(settings.data)
+        sources = sources_of(files, settings.tokenizer, settings.vocab_size)
+        if not directory.exists():
+            tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
+            build_shards(files, directory, tokenizer=tokenizer, vocab_size=settings.vocab_size, sources=sources)
+        elif ShardSet(directory).sources != sources:
             raise ValueError(
-                f"{shards.directory} holds {shards.total_tokens} tokens, too few for one row of seq_len={seq_len}"
+                f"shard directory {directory} was made from other files or another tokenizer; "
+                f"remove it or choose another --shard-dir"
             )
 
-    def __len__(self) -> int:
-        return self._ends[-1]
-
-    def __getitem__(self, row: int) -> Tensor:
-        """Row `row` as a LongTensor [seq_len]."""
-        shard = bisect_right(self._ends, row)
-        start = (row - (self._ends[shard - 1] if shard else 0)) * self.body
-        ids = np.empty(self.seq_len, dtype=np.int64)
-        ids[0], ids[-1] = self.cls_id, self.sep_id
-        ids[1:-1] = self.shards.tokens(shard)[start : start + self.body]
-        return torch.from_numpy(ids)
+    on_rank_zero(tokenise)
+    return ShardSet(directory)
 
 
-class MaskedStream(torch.utils.data.Dataset):
-    """Position q of an endless stream of masked rows, fixed by the seed alone.
-
-    Epoch e = q // len(rows) visits every row once, in the order of a Feistel permutation keyed by
-    (seed, e); row masking draws from a generator seeded by (seed, q). So a batch depends only on
-    its positions: not on the number of ranks or workers, nor on where a run was resumed.
-    """
-
-    def __init__(self, rows: PackedRows, collator: MaskingCollator, seed: int) -> None:
-        self.rows, self.collator, self.seed = rows, collator, seed
-
-    def __getitem__(self, position: int) -> dict[str, Tensor]:
-        epoch, index = divmod(position, len(self.rows))
-        ids = self.rows[feistel_permutation(index, len(self.rows), (self.seed, epoch))]
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "mask", position))
-        return {name: row[0] for name, row in self.collator(ids[None], generator=generator).items()}
-
-
-def rank_batches(
-    first_step: int, steps: int, micro_batch: int, accumulation: int, rank: int, world_size: int
-) -> Iterator[list[int]]:
-    """Stream positions of rank `rank`'s micro-batches for steps [first_step, steps).
-
-    Step t consumes positions [t*G, (t+1)*G) with G = micro_batch * accumulation * world_size; its
-    micro-batch m on rank r is the slice starting at t*G + (m*world_size + r)*micro_batch. With one
-    micro-batch per step, the ranks' batches together are exactly a single process's batch of G.
-    """
-    global_batch = micro_batch * accumulation * world_size
-    for step in range(first_step, steps):
-        for micro in range(accumulation):
-            start = step * global_batch + (micro * world_size + rank) * micro_batch
-            yield list(range(start, start + micro_batch))
-
-
-__all__ = [
-    "MaskedStream",
-    "PackedRows",
-    "ShardSet",
-    "build_shards",
-    "derive_seed",
-    "feistel_permutation",
-    "rank_batches",
-    "sources_of",
-    "text_files",
-    "unusable_reason",
-]
+__all__ = ["ShardSet", "prepare_shards", "build_shards", "sources_of", "text_files", "unusable_reason"]
