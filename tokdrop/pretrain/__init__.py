@@ -35,7 +35,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tokdrop.cli import HelpFormatter
 from tokdrop.pretrain.settings import add_arguments, settings_from_arguments
 
 
@@ -45,7 +44,9 @@ def add_command(subcommands: argparse._SubParsersAction) -> None:
         "pretrain",
         help="pretrain a BERT encoder (dense, token dropping, NarrowBERT, random-LTD)",
         description=__doc__,
-        formatter_class=HelpFormatter,
+        # Each flag's help states its default: argparse's own defaults are suppressed, so that only
+        # the flags given override a config file.
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
     parser.set_defaults(run=run)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +26,23 @@ SIZE_FIELDS = {
 }
 
 
-def _setting(
-    default: Any, help: str, kind: str, *, choices: Sequence[str] | None = None, minimum: float | None = None
-) -> Any:
-    return field(default=default, metadata={"help": help, "kind": kind, "choices": choices, "minimum": minimum})
+# Bounds a setting may declare: (name, test, how the message says it).
+_BOUNDS = (
+    ("minimum", operator.ge, ">="),
+    ("above", operator.gt, ">"),
+    ("maximum", operator.le, "<="),
+    ("below", operator.lt, "<"),
+)
+# A token-dropping mode drops from a middle layer and runs the last layer on every token again.
+_DROPPING_MODES = ("token_drop", "random_ltd")
+
+
+def _setting(default: Any, help: str, kind: str, *, choices: Sequence[str] | None = None, **bounds: float) -> Any:
+    unknown = bounds.keys() - {name for name, _, _ in _BOUNDS}
+    if unknown:
+        raise TypeError(f"unknown bounds {sorted(unknown)}")
+    metadata = {"help": help, "kind": kind, "choices": choices} | {name: bounds.get(name) for name, _, _ in _BOUNDS}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -40,11 +55,13 @@ class Settings:
     hidden: int | None = _setting(None, "hidden size (default: the preset's)", "int", minimum=1)
     heads: int | None = _setting(None, "attention heads (default: the preset's)", "int", minimum=1)
     intermediate: int | None = _setting(None, "feed-forward size (default: the preset's)", "int", minimum=1)
-    dropout: float = _setting(0.1, "hidden and attention dropout", "float", minimum=0)
+    dropout: float = _setting(0.1, "hidden and attention dropout", "float", minimum=0, below=1)
     max_position_embeddings: int = _setting(512, "position embeddings (>= --seq-len)", "int", minimum=1)
     mode: str = _setting("token_drop", "training mode", "str", choices=MODES)
     keep: float | int = _setting(0.5, "token_drop: kept fraction (float) or count (int) of the middle layers", "number")
-    full_layers: int = _setting(2, "narrow: full layers before the narrow ones", "int", minimum=0)
+    full_layers: int | None = _setting(
+        None, "narrow: full layers before the narrow ones (default: 2, at most --layers - 1)", "int", minimum=0
+    )
     ltd_start: float | int = _setting(0.25, "random_ltd: kept fraction or count at step 0", "number")
     ltd_ramp_steps: int | None = _setting(
         None, "random_ltd: steps until every token is kept (default: half of --steps)", "int", minimum=1
@@ -59,21 +76,28 @@ class Settings:
         minimum=0,
     )
     # data
-    data: list[str] | None = _setting(None, "text files, directories of them, or one shard directory", "paths")
+    data: list[str] | None = _setting(
+        None, "text files, directories of them, or one shard directory (required: here or in --config)", "paths"
+    )
     shard_dir: str | None = _setting(None, "where text data is tokenised to (default: OUT/shards)", "path")
     tokenizer: str | None = _setting(
         None, "tokenizer.json or vocab.txt (default: train a WordPiece one on the data)", "path"
     )
     vocab_size: int = _setting(30522, "vocabulary of a trained tokenizer", "int", minimum=6)
     seq_len: int = _setting(128, "tokens per sequence", "int", minimum=3)
-    mlm_probability: float = _setting(0.15, "fraction of tokens predicted", "float", minimum=0)
+    mlm_probability: float = _setting(0.15, "fraction of tokens predicted", "float", above=0, maximum=1)
     num_workers: int = _setting(2, "DataLoader worker processes per rank", "int", minimum=0)
     # optimisation
     steps: int = _setting(1_000_000, "training steps (one skipped for a non-finite loss counts)", "int", minimum=1)
     batch_size: int = _setting(32, "sequences per micro-batch and rank", "int", minimum=1)
     grad_accum: int = _setting(1, "micro-batches per step", "int", minimum=1)
-    lr: float = _setting(1e-4, "peak AdamW learning rate", "float", minimum=0)
-    warmup_steps: int = _setting(10_000, "linear warm-up steps, then linear decay to 0", "int", minimum=0)
+    lr: float = _setting(1e-4, "peak AdamW learning rate", "float", above=0)
+    warmup_steps: int | None = _setting(
+        None,
+        "linear warm-up steps, then linear decay to 0 (default: a tenth of --steps, at most 10000)",
+        "int",
+        minimum=0,
+    )
     weight_decay: float = _setting(0.01, "AdamW weight decay (not on biases and LayerNorm)", "float", minimum=0)
     max_grad_norm: float = _setting(1.0, "gradient clipping norm; 0 = off", "float", minimum=0)
     precision: str = _setting(
@@ -81,7 +105,7 @@ class Settings:
     )
     compile: bool = _setting(False, "torch.compile the model", "bool")
     parallel: str = _setting("ddp", "data parallelism under torchrun", "str", choices=("ddp", "fsdp2"))
-    seed: int = _setting(0, "seed of weights, data order, masking and dropout", "int")
+    seed: int = _setting(0, "seed of weights, data order, masking and dropout", "int", minimum=0, below=2**64)
     # run
     out: str = _setting("pretrain_out", "output directory", "path")
     save_every: int = _setting(1000, "checkpoint every N steps", "int", minimum=1)
@@ -89,22 +113,44 @@ class Settings:
     log_every: int = _setting(10, "metrics line every N steps", "int", minimum=1)
     max_bad_steps: int = _setting(10, "stop after this many non-finite losses in a row", "int", minimum=1)
     tensorboard: bool = _setting(False, "also log to OUT/tensorboard (needs the tensorboard package)", "bool")
+    collective_timeout: int = _setting(
+        600,
+        "seconds a rank waits for the others before the run stops, naming the ranks that are missing",
+        "int",
+        minimum=1,
+    )
 
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
             value, meta = getattr(self, spec.name), spec.metadata
             if meta["choices"] and value not in meta["choices"]:
                 raise ValueError(f"{spec.name} must be one of {meta['choices']}, got {value!r}")
-            if meta["minimum"] is not None and value is not None and value < meta["minimum"]:
-                raise ValueError(f"{spec.name} must be >= {meta['minimum']}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{spec.name} must be a finite number, got {value!r}")
+            for bound, holds, says in _BOUNDS:
+                if meta[bound] is not None and value is not None and not holds(value, meta[bound]):
+                    raise ValueError(f"{spec.name} must be {says} {meta[bound]}, got {value!r}")
         for name, field_name in SIZE_FIELDS.items():
             if getattr(self, name) is None:
                 setattr(self, name, PRESETS[self.preset][field_name])
+        if self.warmup_steps is None:  # BERT's 10,000 steps, scaled down for shorter runs
+            self.warmup_steps = min(10_000, self.steps // 10)
+        if self.full_layers is None:  # NarrowBERT's 2, leaving at least one narrow layer
+            self.full_layers = min(2, self.layers - 1)
+        if self.mode == "narrow" and self.full_layers >= self.layers:
+            raise ValueError(
+                f"full_layers={self.full_layers} leaves no narrow layer in layers={self.layers}: "
+                f"lower --full-layers below --layers"
+            )
+        if self.mode in _DROPPING_MODES and self.layers < 2:
+            raise ValueError(
+                f"mode={self.mode!r} needs layers >= 2 (a dropping layer and a last full one), got layers={self.layers}"
+            )
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be less than steps={self.steps}")
         if self.seq_len > self.max_position_embeddings:
             raise ValueError(f"seq_len={self.seq_len} exceeds max_position_embeddings={self.max_position_embeddings}")
-        if self.full_every and self.mode not in ("token_drop", "random_ltd"):
+        if self.full_every and self.mode not in _DROPPING_MODES:
             raise ValueError(
                 f"full_every={self.full_every} needs mode token_drop or random_ltd, got mode={self.mode!r}"
             )
@@ -135,6 +181,7 @@ RESUMABLE_CHANGES = frozenset(
         "log_every",
         "max_bad_steps",
         "tensorboard",
+        "collective_timeout",
     }
 )
 
