@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from tokdrop import BertForMaskedLM, pretrain
 from tokdrop.data import pack_sequences
 from tokdrop.pretrain import checkpoints
+from tokdrop.pretrain import shards as shards_module
 from tokdrop.pretrain.modes import kept_length
 from tokdrop.pretrain.settings import Settings, add_arguments, read_config_file, settings_from_arguments
 from tokdrop.pretrain.shards import ShardSet, build_shards, sources_of, text_files
@@ -297,6 +298,58 @@ def test_a_step_is_the_same_rows_and_masks_on_any_number_of_ranks(shards):
         assert all(torch.equal(first[k], again[k]) for k in first)
     epoch = len(stream.rows)
     assert not torch.equal(stream[0]["labels"], stream[epoch]["labels"])  # the next epoch masks anew
+
+
+def test_data_that_is_not_a_file_says_what_it_is(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"data path '.*pipe' is a FIFO \(named pipe\), not a text file"):
+        _pretrain("--data", str(fifo), "--out", out, "--prepare-only")
+    with pytest.raises(ValueError, match=r"data path '/dev/null' is a character device, not a text file"):
+        _pretrain("--data", "/dev/null", "--out", out, "--prepare-only")
+    with pytest.raises(ValueError, match=r"data path '.*missing' does not exist"):
+        _pretrain("--data", str(tmp_path / "missing"), "--out", out, "--prepare-only")
+    with pytest.raises(ValueError, match=r"config file .*pipe is a FIFO \(named pipe\), not a TOML or YAML file"):
+        _pretrain("--config", str(fifo))  # reading it would wait for a writer forever
+    corpus = _write_corpus(tmp_path / "corpus", files=1, lines=20)
+    with pytest.raises(ValueError, match=r"tokenizer '.*pipe' is a FIFO \(named pipe\), not a tokenizer.json"):
+        _pretrain("--data", str(corpus), "--tokenizer", str(fifo), "--out", out, "--prepare-only")
+
+
+def test_a_line_longer_than_a_piece_gives_the_tokens_of_its_words(tmp_path, shards):
+    """Text is cut into pieces at white space; a line of 300,000 characters tokenises as its words do."""
+    words = (f"w{i % 250} of the" for i in range(40_000))
+    long_line = " ".join(words)
+    assert len(long_line) > 4 * shards_module._PIECE_CHARS
+    (tmp_path / "long.txt").write_text(long_line)
+    (tmp_path / "lines.txt").write_text(long_line.replace(" ", "\n"))
+    tokenizer = ShardSet(shards).tokenizer()
+    built = [
+        build_shards([tmp_path / name], tmp_path / f"{name}.shards", tokenizer=tokenizer, vocab_size=400, sources={})
+        for name in ("long.txt", "lines.txt")
+    ]
+    assert built[0].counts == built[1].counts and built[0].total_tokens >= 120_000
+    assert np.array_equal(built[0].tokens(0), built[1].tokens(0))
+
+
+def test_a_50_mb_line_is_tokenised_in_bounded_memory(tmp_path, shards):
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(250)] + "the of and to in is was for on".split()
+    with (tmp_path / "one-line.txt").open("w") as text:
+        while text.tell() < 50_000_000:
+            text.write(" ".join(rng.choices(words, k=10_000)) + " ")
+    probe = (
+        "import resource, sys\nfrom tokdrop.pretrain import main\nstatus = main(sys.argv[1:])\n"
+        "print(status, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)"
+    )
+    argv = ["--data", str(tmp_path / "one-line.txt"), "--tokenizer", str(shards / "tokenizer.json")]
+    argv += ["--out", str(tmp_path / "out"), "--prepare-only"]
+    done = subprocess.run([sys.executable, "-c", probe, *argv], env=ENV, capture_output=True, text=True, check=True)
+    status, peak_bytes = map(int, done.stderr.split()[-2:])
+    assert status == 0 and ShardSet(tmp_path / "out" / "shards").total_tokens > 10_000_000
+    # Python, torch and the tokenizer take about 0.5 GiB; the whole line at once took 11 GiB.
+    assert peak_bytes < 1 << 30, f"peak RSS {peak_bytes / 2**20:.0f} MiB"
 
 
 # ------------------------------------------------------------------------------------------- a run

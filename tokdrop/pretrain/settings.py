@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import math
 import operator
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,8 +213,31 @@ def _check_kind(name: str, kind: str, value: Any) -> Any:
     return float(value) if kind == "float" else value
 
 
+def path_problem(path: Path, expected: str) -> str:
+    """Why `path` is not what a setting `expected` ("a text file", ...), as the end of a sentence
+    that starts with the path: "does not exist", "is a FIFO (named pipe), not a text file", ..."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as err:
+        return f"cannot be read: {err.strerror}"
+    kinds = {
+        stat.S_ISDIR: "a directory",
+        stat.S_ISREG: "a regular file",
+        stat.S_ISFIFO: "a FIFO (named pipe)",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
+    kind = next((name for is_kind, name in kinds.items() if is_kind(mode)), "a special file")
+    return f"is {kind}, not {expected}"
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """Settings from a TOML or YAML file, tables flattened; paths resolved against the file's folder."""
+    if not path.is_file():  # reading a FIFO would wait for a writer forever
+        raise ValueError(f"config file {path} {path_problem(path, 'a TOML or YAML file')}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:

@@ -7,8 +7,9 @@ A shard directory holds
     tokenizer.json    the tokenizer that made it
     tokens-00000.bin  token ids back to back: uint16 when the vocabulary fits, else uint32
 
-Nothing holds the corpus in memory: text is read line by line and its tokens are appended to the
-current shard as they come.
+Nothing holds the corpus in memory: text is read in chunks of 1 MiB, a line longer than 64 Ki
+characters is cut at white space (which the tokenizer splits at anyway), and the tokens are appended
+to the current shard as they come.
 
 Text files that are empty (nothing but white space) or not valid UTF-8 are skipped with a warning
 and listed, with the reason, under "skipped" in shards.json; no usable file at all is an error.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import re
 import secrets
 import shutil
 import warnings
@@ -32,13 +34,16 @@ from tqdm import tqdm
 
 from tokdrop.data import load_tokenizer, special_token_ids, train_tokenizer
 from tokdrop.pretrain.distributed import on_rank_zero
-from tokdrop.pretrain.settings import Settings
+from tokdrop.pretrain.settings import Settings, path_problem
 
 MANIFEST = "shards.json"
 FORMAT = "tokdrop-token-shards-1"
 TOKENIZER = "tokenizer.json"
 SHARD_TOKENS = 1 << 27  # ids per shard file (256 MiB as uint16)
 _TEXT_BATCH_CHARS = 1 << 20  # text handed to the tokenizer at once (it encodes a batch in parallel)
+_READ_BYTES = 1 << 20
+_PIECE_CHARS = 1 << 16  # the longest text the tokenizer gets as one piece; its memory grows with that
+_UP_TO_LAST_SPACE = re.compile(r".*\s", re.DOTALL)
 
 
 # ---------------------------------------------------------------------------------------- text input
@@ -55,7 +60,7 @@ def text_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise ValueError(f"data path {str(path)!r} does not exist")
+            raise ValueError(f"data path {str(path)!r} {path_problem(path, 'a text file or a directory of them')}")
     if not files:
         raise ValueError(f"the data paths {[str(p) for p in paths]} hold no files")
     return files
@@ -79,20 +84,50 @@ def unusable_reason(path: Path) -> str | None:
     return None if has_text else "empty"
 
 
+def _text_pieces(path: Path, progress: tqdm) -> Iterator[str]:
+    """The non-blank lines of `path`, stripped, a line longer than `_PIECE_CHARS` in pieces cut at
+    white space; reads `_READ_BYTES` at a time, whatever the line lengths, and counts them on `progress`."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending = ""
+    with open(path, "rb") as file:
+        while chunk := file.read(_READ_BYTES):
+            progress.update(len(chunk))
+            *lines, pending = (pending + decoder.decode(chunk)).split("\n")
+            for line in lines:
+                yield from _pieces(line)
+            while len(pending) > _PIECE_CHARS:  # a line that goes on past this chunk
+                piece, pending = _cut(pending)
+                yield from _pieces(piece)
+    yield from _pieces(pending + decoder.decode(b"", final=True))
+
+
+def _cut(text: str) -> tuple[str, str]:
+    """`text` split after its last white space within `_PIECE_CHARS` characters (or at that length,
+    when there is none)."""
+    found = _UP_TO_LAST_SPACE.match(text, 0, _PIECE_CHARS)
+    end = found.end() if found else _PIECE_CHARS
+    return text[:end], text[end:]
+
+
+def _pieces(line: str) -> Iterator[str]:
+    while len(line) > _PIECE_CHARS:
+        piece, line = _cut(line)
+        if piece := piece.strip():
+            yield piece
+    if line := line.strip():
+        yield line
+
+
 def _line_batches(files: Sequence[Path], progress: tqdm) -> Iterator[list[str]]:
-    """Non-blank lines of `files`, about `_TEXT_BATCH_CHARS` at a time; counts bytes on `progress`."""
+    """The text pieces of `files`, about `_TEXT_BATCH_CHARS` at a time; counts bytes on `progress`."""
     batch, size = [], 0
     for path in files:
-        with open(path, "rb") as file:
-            for raw in file:
-                progress.update(len(raw))
-                line = raw.decode("utf-8").strip()
-                if line:
-                    batch.append(line)
-                    size += len(line)
-                if size >= _TEXT_BATCH_CHARS:
-                    yield batch
-                    batch, size = [], 0
+        for piece in _text_pieces(path, progress):
+            batch.append(piece)
+            size += len(piece)
+            if size >= _TEXT_BATCH_CHARS:
+                yield batch
+                batch, size = [], 0
     if batch:
         yield batch
 
@@ -251,13 +286,20 @@ class ShardSet:
 def prepare_shards(settings: Settings) -> ShardSet:
     """The shard directory of --data, tokenising text on rank 0 the first time."""
     if not settings.data:
-        raise ValueError("no data: set --data to text files, directories of them, or a shard directory")
+        raise ValueError(
+            "no data: set --data (or `data` in the --config file) to text files, directories of them, "
+            "or a shard directory"
+        )
     if len(settings.data) == 1 and (Path(settings.data[0]) / MANIFEST).is_file():
         return ShardSet(settings.data[0])
     directory = Path(settings.shard_dir or Path(settings.out) / "shards")
 
     def tokenise() -> None:
         files = text_files(settings.data)
+        tokenizer_path = Path(settings.tokenizer) if settings.tokenizer else None
+        if tokenizer_path and not (tokenizer_path.is_file() or tokenizer_path.is_dir()):
+            expected = "a tokenizer.json, a vocab.txt or a directory holding one"
+            raise ValueError(f"tokenizer {settings.tokenizer!r} {path_problem(tokenizer_path, expected)}")
         sources = sources_of(files, settings.tokenizer, settings.vocab_size)
         if not directory.exists():
             tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
