@@ -4,7 +4,6 @@ FSDP2 on CPU with gloo matching a single process."""
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import random
@@ -542,24 +541,49 @@ def test_sigterm_checkpoints_and_stops(shards, tmp_path, monkeypatch):
     assert _checkpoints(out)[-1] == "step-00000008"
 
 
-def test_disk_full_during_save_keeps_the_previous_checkpoint(shards, tmp_path, monkeypatch, capsys):
-    save, calls = checkpoints.dcp.save, [0]
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a folder on a real filesystem of that size: a tmpfs, which needs root."""
+    mounted = []
 
-    def save_until_the_disk_fills(state, checkpoint_id, **options):
-        calls[0] += 1
-        if calls[0] == 1:
-            return save(state, checkpoint_id=checkpoint_id, **options)
-        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def mount(size: str) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+        mounted.append(point)
+        return point
 
-    monkeypatch.setattr(checkpoints.dcp, "save", save_until_the_disk_fills)
-    out = tmp_path / "run"
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(shards, small_disk, capsys):
+    out = small_disk("2m") / "run"  # a TINY checkpoint takes 1.4 MB: the second one cannot fit
     assert _pretrain("--data", str(shards), "--out", str(out), *TINY) == 1
     message = capsys.readouterr().err
-    assert "could not save checkpoint" in message and "No space left on device" in message
-    assert "the newest intact one is" in message and "step-00000004" in message
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004"]  # no partial
+    assert "Traceback" not in message and "CheckpointException" not in message
+    assert f"could not save checkpoint {out / 'checkpoints' / 'step-00000008'}: " in message
+    # torch.save reports a full disk as "unexpected pos"; DCP's own writes as ENOSPC.
+    assert re.search(r"(No space left on device|unexpected pos).* free of 2.0 MiB on its filesystem\)", message)
+    assert f"the newest intact checkpoint is {out / 'checkpoints' / 'step-00000004'}" in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004"]  # no partial .tmp
     checkpoints.verify_checkpoint(out / "checkpoints" / "step-00000004")
+    assert not (out / "model").exists()
+
+
+def test_a_full_disk_while_tokenising_names_the_shard_directory(tmp_path, small_disk, capsys):
+    corpus = _write_corpus(tmp_path / "corpus", files=1, lines=3000)  # 240 KB of text, 100 KB of tokens
+    out = small_disk("64k") / "run"
+    assert _pretrain("--data", str(corpus), "--vocab-size", "300", "--out", str(out), "--prepare-only") == 1
+    message = capsys.readouterr().err
+    assert f"cannot write shard directory {out / 'shards'}: " in message
+    assert re.search(r"\(\d+ bytes free of 64.0 KiB on its filesystem\)", message)
+    assert f"there is no intact checkpoint in {out / 'checkpoints'}" in message
+    assert [p.name for p in out.iterdir()] == []  # the half-written shards are gone
 
 
 # ------------------------------------------------------------------------------------- distributed

@@ -24,9 +24,9 @@ random_ltd and --full-every change the kept length from step to step. The length
 baked into each compiled graph, so with --compile every distinct length compiles once: at most
 (seq_len - start) / --ltd-granularity + 2 graphs. Eager mode pays nothing.
 
-Exit status: 0 done; 1 stopped by --max-bad-steps non-finite losses in a row or by a failed
-checkpoint save (the newest intact checkpoint is named); 2 bad settings or data; 128+N stopped by
-signal N after writing a checkpoint.
+Exit status: 0 done; 1 stopped by --max-bad-steps non-finite losses in a row, or by a failed
+write (a full disk: a checkpoint save that fails leaves no partial checkpoint; the newest intact
+one is named); 2 bad settings or data; 128+N stopped by signal N after writing a checkpoint.
 """
 
 from __future__ import annotations

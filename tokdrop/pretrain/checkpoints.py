@@ -31,10 +31,13 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from tokdrop.pretrain.disk import free_space
 from tokdrop.pretrain.distributed import all_ranks_ok, on_rank_zero, rank
 
+CHECKPOINTS = "checkpoints"  # the folder of a run's checkpoints, in --out
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer.json"
 _STEP_DIR = re.compile(r"step-(\d{8})")
@@ -99,21 +102,36 @@ def save_checkpoint(
         if everyone or rank() == 0:
             try:
                 work()
-            except Exception as err:  # an OSError, or DCP's CheckpointException wrapping one
+            # DCP wraps each rank's OSError in a CheckpointException, which is no Exception.
+            except (Exception, CheckpointException) as err:
                 failure = err
         if not all_ranks_ok(failure is None):
+            # Measured before the clean-up: torch.save reports a full disk as "unexpected pos", without errno.
+            cause = "another rank failed to write" if failure is None else f"{_cause(failure)} ({free_space(root)})"
             if rank() == 0:
                 shutil.rmtree(temp, ignore_errors=True)
-            earlier = list_checkpoints(root)
-            kept = f"the newest intact one is {earlier[-1]}" if earlier else "there is no earlier one"
             raise CheckpointSaveError(
-                f"could not save checkpoint {final}: {failure or 'another rank failed to write'}; {kept}"
+                f"could not save checkpoint {final}: {cause}; {newest_checkpoint_note(root)}"
             ) from failure
     if rank() == 0:
         stale = [p for p in root.iterdir() if p.name.startswith(".step-") and p.name.endswith(".tmp")]
         for old in list_checkpoints(root)[:-keep_last] + stale:  # stale: saves cut short by a kill
             shutil.rmtree(old)
     return final
+
+
+def newest_checkpoint_note(root: Path) -> str:
+    """Which checkpoint under `root` a run can continue from, as a clause for an error message."""
+    intact = list_checkpoints(root)
+    return f"the newest intact checkpoint is {intact[-1]}" if intact else f"there is no intact checkpoint in {root}"
+
+
+def _cause(error: BaseException) -> str:
+    """What failed, in one line: DCP's CheckpointException holds each failing rank's exception (and
+    its str() their tracebacks)."""
+    if isinstance(error, CheckpointException):
+        return "; ".join(f"rank {rank}: {failure}" for rank, (failure, _) in sorted(error.failures.items()))
+    return str(error)
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
@@ -207,9 +225,11 @@ def _fsync(path: Path) -> None:
 
 
 __all__ = [
+    "CHECKPOINTS",
     "CheckpointSaveError",
     "checkpoint_name",
     "list_checkpoints",
+    "newest_checkpoint_note",
     "load_checkpoint",
     "save_checkpoint",
     "verify_checkpoint",

@@ -42,7 +42,8 @@ class MetricsLogger:
         self.file = self.board = self.bar = None
         if not self.active:
             return
-        self.file = open(out / METRICS, "a", encoding="utf-8")
+        self.path = out / METRICS
+        self.file = open(self.path, "a", encoding="utf-8")
         self.bar = tqdm(total=settings.steps, initial=first_step, unit="step", dynamic_ncols=True)
         if settings.tensorboard:
             try:
@@ -85,8 +86,11 @@ class MetricsLogger:
             line["importance"] = statistics
         if loss is None:
             line["skipped"] = "non-finite loss"
-        self.file.write(json.dumps(line) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(line) + "\n")
+            self.file.flush()
+        except OSError as err:  # a write error names no file
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
         if self.board is not None:
             for name in ("loss", "lr", "tokens_per_s", "kept_fraction"):
                 if line[name] is not None:

@@ -33,6 +33,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from tokdrop.data import load_tokenizer, special_token_ids, train_tokenizer
+from tokdrop.pretrain.disk import free_space
 from tokdrop.pretrain.distributed import on_rank_zero
 from tokdrop.pretrain.settings import Settings, path_problem
 
@@ -190,6 +191,10 @@ def build_shards(
         }
         (temp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(temp, directory)
+    except OSError as err:  # numpy's failed write names neither the file nor the cause
+        message = f"cannot write shard directory {directory}: {err} ({free_space(temp)})"
+        shutil.rmtree(temp, ignore_errors=True)
+        raise OSError(message) from err
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

@@ -26,9 +26,11 @@ from tokdrop.data import MaskingCollator, special_token_ids
 from tokdrop.model import IGNORE_INDEX, BertForMaskedLM
 from tokdrop.pretrain import distributed
 from tokdrop.pretrain.checkpoints import (
+    CHECKPOINTS,
     CheckpointSaveError,
     list_checkpoints,
     load_checkpoint,
+    newest_checkpoint_note,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -52,6 +54,15 @@ def pretrain(settings: Settings, *, resume: str | None = None, prepare_only: boo
                 print(f"{shards.directory}: {shards.total_tokens} tokens in {len(shards.counts)} shards")
             return 0
         return Trainer(settings, shards, rank, world_size, device, precision, resume).train()
+    except CheckpointSaveError as err:  # raised on every rank
+        if rank == 0:
+            print(f"tokdrop pretrain: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, a lost mount: the message says it all, a traceback would not
+        where = f"rank {rank}: " if world_size > 1 else ""
+        note = newest_checkpoint_note(Path(settings.out) / CHECKPOINTS)
+        print(f"tokdrop pretrain: error: {where}{err}; {note}", file=sys.stderr)
+        return 1
     finally:
         distributed.shutdown()
 
@@ -72,7 +83,7 @@ class Trainer:
         self.settings, self.shards, self.precision = settings, shards, precision
         self.rank, self.world_size, self.device = rank, world_size, device
         self.out = Path(settings.out)
-        self.root = self.out / "checkpoints"
+        self.root = self.out / CHECKPOINTS
         tokenizer = shards.tokenizer()
         specials = special_token_ids(tokenizer)
         self.collator = MaskingCollator.from_tokenizer(tokenizer, mlm_probability=settings.mlm_probability)
@@ -185,9 +196,6 @@ class Trainer:
                 if self.saved_step != self.step:
                     self._save()
                 self._export()
-        except CheckpointSaveError as err:
-            self._print(f"tokdrop pretrain: error: {err}", file=sys.stderr)
-            return 1
         finally:
             logger.close()
         return 0
