@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from tokdrop import BertForMaskedLM, pretrain
 from tokdrop.data import pack_sequences
-from tokdrop.pretrain import checkpoints
+from tokdrop.pretrain import checkpoints, locks
 from tokdrop.pretrain import shards as shards_module
 from tokdrop.pretrain.modes import kept_length
 from tokdrop.pretrain.settings import Settings, add_arguments, read_config_file, settings_from_arguments
@@ -490,6 +490,138 @@ def test_corrupt_checkpoint_is_named_and_earlier_ones_stay(shards, tmp_path):
     assert [line["step"] for line in _metrics(out)] == list(range(1, 9))
 
 
+def test_a_lost_manifest_neither_hides_a_run_nor_sends_it_back(shards, tmp_path):
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    argv = ["--data", str(shards), "--out", str(out), *TINY]
+    assert _pretrain(*argv) == 0
+    (root / "step-00000008" / "manifest.json").unlink()
+    newest, earlier = (re.escape(str(root / name)) for name in ("step-00000008", "step-00000004"))
+    with pytest.raises(
+        ValueError,
+        match=rf"checkpoint {newest} is incomplete: manifest.json is missing; "
+        rf"earlier checkpoints: \['step-00000004'\], e.g. --resume {earlier}$",
+    ):
+        _pretrain(*argv, "--resume")
+    # Resuming from the earlier one sets the damaged one aside (it used to block the next save of
+    # that step with "Directory not empty").
+    assert _pretrain(*argv, "--resume", str(root / "step-00000004")) == 0
+    assert _checkpoints(out) == ["step-00000004", "step-00000008"]
+    assert [line["step"] for line in _metrics(out)] == list(range(1, 9))
+    (damaged,) = root.glob("abandoned-*/step-00000008")
+    assert not (damaged / "manifest.json").exists()
+
+    for manifest in root.glob("step-*/manifest.json"):
+        manifest.unlink()
+    with pytest.raises(ValueError, match=r"already holds checkpoints \(newest: step-00000008\).*--resume"):
+        _pretrain(*argv)
+
+
+def test_a_kill_before_the_first_checkpoint_then_resume_logs_each_step_once(shards, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--data", str(shards), "--out", str(out), *TINY, "--steps", "30", "--save-every", "30"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokdrop.pretrain", *argv], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 3, process)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert _checkpoints(out) == []
+    with pytest.raises(ValueError, match="already holds metrics.jsonl of a run that stopped before its first"):
+        _pretrain(*argv)
+    assert _pretrain(*argv, "--resume") == 0
+    assert [line["step"] for line in _metrics(out)] == list(range(1, 31))
+
+
+def _wait_for(condition, process: subprocess.Popen, seconds: float = 120) -> None:
+    """Poll `condition` until it holds; fail if `process` ends first or time runs out."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, f"the process ended first, with status {process.returncode}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_second_run_on_one_out_is_refused(shards, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--data", str(shards), "--out", str(out), *TINY, "--steps", "100000", "--save-every", "100000"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "tokdrop.pretrain", *argv], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 1, first)
+        with pytest.raises(
+            ValueError, match=rf"--out {re.escape(str(out))} is in use by another run \(process {first.pid} on "
+        ):
+            _pretrain(*argv)
+    finally:
+        first.send_signal(signal.SIGTERM)
+    assert first.wait(120) == 128 + signal.SIGTERM  # stopped with a checkpoint
+    with locks.run_lock(out):  # released at the end
+        pass
+
+
+def test_a_second_run_building_one_shard_directory_is_refused(shards, tmp_path):
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(250)] + "the of and to in is was for on".split()
+    with (tmp_path / "corpus.txt").open("w") as text:
+        while text.tell() < 10_000_000:
+            text.write(" ".join(rng.choices(words, k=20)) + ".\n")
+    shard_dir = tmp_path / "shared"
+    argv = ["--data", str(tmp_path / "corpus.txt"), "--tokenizer", str(shards / "tokenizer.json")]
+    argv += ["--shard-dir", str(shard_dir), "--prepare-only"]
+    command = [sys.executable, "-m", "tokdrop.pretrain", *argv, "--out", str(tmp_path / "first")]
+    first = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock_file = tmp_path / ".shared.lock"  # read, never locked here: that could make the first run fail
+    _wait_for(lambda: lock_file.is_file() and lock_file.read_text().startswith(f"{first.pid} on "), first)
+    with pytest.raises(ValueError, match=rf"shard directory {re.escape(str(shard_dir))} is in use by another run"):
+        _pretrain(*argv, "--out", str(tmp_path / "second"))
+    assert first.wait(300) == 0
+    assert _pretrain(*argv, "--out", str(tmp_path / "second")) == 0  # built now: reused
+
+
+def test_resume_refuses_a_rebuilt_shard_directory(tmp_path):
+    corpus = _write_corpus(tmp_path / "corpus", files=1)
+    assert (
+        _pretrain("--data", str(corpus), "--vocab-size", "400", "--out", str(tmp_path / "prep"), "--prepare-only") == 0
+    )
+    shard_dir, original = tmp_path / "prep" / "shards", tmp_path / "original"
+    shutil.copytree(shard_dir, original)
+    argv = ["--data", str(shard_dir), "--out", str(tmp_path / "run"), *TINY, "--steps", "4", "--save-every", "2"]
+    assert _pretrain(*argv) == 0
+
+    # The same lines in another order: the same token counts and vocabulary, other token ids.
+    lines = (corpus / "part0.txt").read_text().splitlines(keepends=True)
+    random.Random(1).shuffle(lines)
+    (tmp_path / "shuffled.txt").write_text("".join(lines))
+    shutil.rmtree(shard_dir)
+    tokenizer = ShardSet(original).tokenizer()
+    build_shards([tmp_path / "shuffled.txt"], shard_dir, tokenizer=tokenizer, vocab_size=400, sources={})
+    assert ShardSet(shard_dir).counts == ShardSet(original).counts
+    digest = "'[0-9a-f]{64}'"
+    with pytest.raises(
+        ValueError,
+        match=rf"other settings: corpus\.tokens_sha256: {digest} in the checkpoint, {digest} now; "
+        r"the shard directory was rebuilt or replaced since",
+    ):
+        _pretrain(*argv, "--resume")
+
+    # The same token ids, another tokenizer.
+    shutil.rmtree(shard_dir)
+    shutil.copytree(original, shard_dir)
+    config = json.loads((shard_dir / "tokenizer.json").read_text())
+    vocab = config["model"]["vocab"]
+    word = next(token for token in vocab if not token.startswith("["))
+    vocab[word + "x"] = vocab.pop(word)
+    (shard_dir / "tokenizer.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"corpus\.tokenizer_sha256: {digest} in the checkpoint, {digest} now"):
+        _pretrain(*argv, "--resume")
+
+    shutil.rmtree(shard_dir)
+    shutil.copytree(original, shard_dir)
+    assert _pretrain(*argv, "--resume") == 0
+
+
 def test_resume_with_other_settings_names_them(shards, tmp_path):
     out = tmp_path / "run"
     assert _pretrain("--data", str(shards), "--out", str(out), *TINY, "--steps", "4", "--save-every", "2") == 0
@@ -583,7 +715,7 @@ def test_a_full_disk_while_tokenising_names_the_shard_directory(tmp_path, small_
     assert f"cannot write shard directory {out / 'shards'}: " in message
     assert re.search(r"\(\d+ bytes free of 64.0 KiB on its filesystem\)", message)
     assert f"there is no intact checkpoint in {out / 'checkpoints'}" in message
-    assert [p.name for p in out.iterdir()] == []  # the half-written shards are gone
+    assert [p.name for p in out.iterdir() if not p.name.endswith(".lock")] == []  # no half-written shards
 
 
 # ------------------------------------------------------------------------------------- distributed

@@ -51,12 +51,17 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root` (those with a manifest), oldest first."""
+def step_directories(root: Path) -> list[Path]:
+    """Every checkpoint directory under `root`, oldest first: also one that lost its manifest, which
+    cannot be loaded but still marks how far the run got."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir()), key=lambda p: p.name)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root` (those with a manifest), oldest first."""
+    return [p for p in step_directories(root) if (p / MANIFEST).is_file()]
 
 
 def save_checkpoint(
@@ -115,7 +120,7 @@ def save_checkpoint(
             ) from failure
     if rank() == 0:
         stale = [p for p in root.iterdir() if p.name.startswith(".step-") and p.name.endswith(".tmp")]
-        for old in list_checkpoints(root)[:-keep_last] + stale:  # stale: saves cut short by a kill
+        for old in step_directories(root)[:-keep_last] + stale:  # stale: saves cut short by a kill
             shutil.rmtree(old)
     return final
 
@@ -232,5 +237,6 @@ __all__ = [
     "newest_checkpoint_note",
     "load_checkpoint",
     "save_checkpoint",
+    "step_directories",
     "verify_checkpoint",
 ]

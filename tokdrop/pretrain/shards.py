@@ -3,7 +3,9 @@ reads them back as training rows).
 
 A shard directory holds
 
-    shards.json       what the directory holds; written last, so a directory without it is incomplete
+    shards.json       what the directory holds (with the SHA-256 of all token ids, so that a
+                      resumed run notices a rebuilt directory); written last, so a directory
+                      without it is incomplete
     tokenizer.json    the tokenizer that made it
     tokens-00000.bin  token ids back to back: uint16 when the vocabulary fits, else uint32
 
@@ -18,6 +20,7 @@ and listed, with the reason, under "skipped" in shards.json; no usable file at a
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import os
 import re
@@ -35,10 +38,11 @@ from tqdm import tqdm
 from tokdrop.data import load_tokenizer, special_token_ids, train_tokenizer
 from tokdrop.pretrain.disk import free_space
 from tokdrop.pretrain.distributed import on_rank_zero
+from tokdrop.pretrain.locks import shard_directory_lock
 from tokdrop.pretrain.settings import Settings, path_problem
 
 MANIFEST = "shards.json"
-FORMAT = "tokdrop-token-shards-1"
+FORMAT = "tokdrop-token-shards-2"
 TOKENIZER = "tokenizer.json"
 SHARD_TOKENS = 1 << 27  # ids per shard file (256 MiB as uint16)
 _TEXT_BATCH_CHARS = 1 << 20  # text handed to the tokenizer at once (it encodes a batch in parallel)
@@ -177,7 +181,7 @@ def build_shards(
     temp = directory.with_name(f".{directory.name}.{secrets.token_hex(4)}.tmp")
     temp.mkdir(parents=True)
     try:
-        counts = _write_token_files(usable, temp, tokenizer, dtype, shard_tokens)
+        counts, tokens_sha256 = _write_token_files(usable, temp, tokenizer, dtype, shard_tokens)
         if sum(counts) == 0:
             raise ValueError(f"the data files {[str(p) for p in usable[:5]]} hold no tokens")
         tokenizer.save(str(temp / TOKENIZER))
@@ -186,6 +190,7 @@ def build_shards(
             "dtype": dtype.name,
             "vocab_size": tokenizer.get_vocab_size(),
             "tokens": counts,
+            "tokens_sha256": tokens_sha256,
             "sources": sources,
             "skipped": skipped,
         }
@@ -205,8 +210,11 @@ def build_shards(
 
 def _write_token_files(
     files: Sequence[Path], directory: Path, tokenizer: Tokenizer, dtype: np.dtype, shard_tokens: int
-) -> list[int]:
+) -> tuple[list[int], str]:
+    """Tokenise `files` into token files in `directory`; returns the tokens per file and the
+    SHA-256 of all of them."""
     counts: list[int] = []
+    digest = hashlib.sha256()
     out = None
     try:
         with _byte_progress(files, "tokenising") as progress:
@@ -221,11 +229,12 @@ def _write_token_files(
                         counts.append(0)
                     part, ids = ids[: shard_tokens - counts[-1]], ids[shard_tokens - counts[-1] :]
                     part.tofile(out)
+                    digest.update(part)
                     counts[-1] += len(part)
     finally:
         if out is not None:
             out.close()
-    return counts
+    return counts, digest.hexdigest()
 
 
 def _shard_name(index: int) -> str:
@@ -247,10 +256,13 @@ class ShardSet:
         try:
             manifest = json.loads(path.read_text())
             if manifest.get("format") != FORMAT:
-                raise ValueError(f"format is {manifest.get('format')!r}, expected {FORMAT!r}")
+                raise ValueError(
+                    f"format is {manifest.get('format')!r}, expected {FORMAT!r}; remove the directory to rebuild it"
+                )
             self.dtype = np.dtype(manifest["dtype"])
             self.counts = [int(n) for n in manifest["tokens"]]
             self.vocab_size = int(manifest["vocab_size"])
+            self.tokens_sha256 = str(manifest["tokens_sha256"])
             self.skipped = manifest["skipped"]
             self.sources = manifest["sources"]
         except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
@@ -276,8 +288,15 @@ class ShardSet:
         return load_tokenizer(self.directory / TOKENIZER)
 
     def identity(self) -> dict:
-        """What a resumed run must find again: the token counts and the vocabulary."""
-        return {"tokens": self.counts, "dtype": self.dtype.name, "vocab_size": self.vocab_size}
+        """What a resumed run must find again: the same token ids (by their count and their hash
+        taken when they were written) and the same tokenizer (by the hash of its file)."""
+        return {
+            "tokens": self.counts,
+            "dtype": self.dtype.name,
+            "vocab_size": self.vocab_size,
+            "tokens_sha256": self.tokens_sha256,
+            "tokenizer_sha256": hashlib.sha256((self.directory / TOKENIZER).read_bytes()).hexdigest(),
+        }
 
     def tokens(self, shard: int) -> np.memmap:
         if self._maps is None:
@@ -300,20 +319,21 @@ def prepare_shards(settings: Settings) -> ShardSet:
     directory = Path(settings.shard_dir or Path(settings.out) / "shards")
 
     def tokenise() -> None:
-        files = text_files(settings.data)
-        tokenizer_path = Path(settings.tokenizer) if settings.tokenizer else None
-        if tokenizer_path and not (tokenizer_path.is_file() or tokenizer_path.is_dir()):
-            expected = "a tokenizer.json, a vocab.txt or a directory holding one"
-            raise ValueError(f"tokenizer {settings.tokenizer!r} {path_problem(tokenizer_path, expected)}")
-        sources = sources_of(files, settings.tokenizer, settings.vocab_size)
-        if not directory.exists():
-            tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
-            build_shards(files, directory, tokenizer=tokenizer, vocab_size=settings.vocab_size, sources=sources)
-        elif ShardSet(directory).sources != sources:
-            raise ValueError(
-                f"shard directory {directory} was made from other files or another tokenizer; "
-                f"remove it or choose another --shard-dir"
-            )
+        with shard_directory_lock(directory):
+            files = text_files(settings.data)
+            tokenizer_path = Path(settings.tokenizer) if settings.tokenizer else None
+            if tokenizer_path and not (tokenizer_path.is_file() or tokenizer_path.is_dir()):
+                expected = "a tokenizer.json, a vocab.txt or a directory holding one"
+                raise ValueError(f"tokenizer {settings.tokenizer!r} {path_problem(tokenizer_path, expected)}")
+            sources = sources_of(files, settings.tokenizer, settings.vocab_size)
+            if not directory.exists():
+                tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
+                build_shards(files, directory, tokenizer=tokenizer, vocab_size=settings.vocab_size, sources=sources)
+            elif ShardSet(directory).sources != sources:
+                raise ValueError(
+                    f"shard directory {directory} was made from other files or another tokenizer; "
+                    f"remove it or choose another --shard-dir"
+                )
 
     on_rank_zero(tokenise)
     return ShardSet(directory)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -32,9 +33,11 @@ from tokdrop.pretrain.checkpoints import (
     load_checkpoint,
     newest_checkpoint_note,
     save_checkpoint,
+    step_directories,
     verify_checkpoint,
 )
-from tokdrop.pretrain.metrics import MetricsLogger, trim_metrics
+from tokdrop.pretrain.locks import run_lock
+from tokdrop.pretrain.metrics import METRICS, MetricsLogger, trim_metrics
 from tokdrop.pretrain.modes import kept_fraction, kept_length, max_graphs, model_config, set_kept_length
 from tokdrop.pretrain.settings import RESUMABLE_CHANGES, Settings
 from tokdrop.pretrain.shards import ShardSet, prepare_shards
@@ -46,7 +49,9 @@ from tokdrop.training import build_model, make_optimizer, warmup_linear_decay
 def pretrain(settings: Settings, *, resume: str | None = None, prepare_only: bool = False) -> int:
     """Run `settings` on this rank (the job's other ranks run it too); returns the exit status."""
     rank, world_size, device = distributed.init_distributed()
+    held = contextlib.ExitStack()
     try:
+        distributed.on_rank_zero(lambda: held.enter_context(run_lock(Path(settings.out))))
         precision = _precision(settings.precision, device)
         shards = prepare_shards(settings)
         if prepare_only:
@@ -64,6 +69,7 @@ def pretrain(settings: Settings, *, resume: str | None = None, prepare_only: boo
         print(f"tokdrop pretrain: error: {where}{err}; {note}", file=sys.stderr)
         return 1
     finally:
+        held.close()
         distributed.shutdown()
 
 
@@ -114,17 +120,26 @@ class Trainer:
     # -------------------------------------------------------------------------------- resuming
 
     def _resume(self, resume: str | None) -> None:
-        existing = list_checkpoints(self.root)
+        # Damaged checkpoints count too: a lost manifest must neither hide a run nor let it go back
+        # silently to an earlier step.
+        existing = step_directories(self.root)
         if resume is None:
             if existing:
                 raise ValueError(
                     f"{self.out} already holds checkpoints (newest: {existing[-1].name}); "
                     f"pass --resume to continue that run, or choose another --out"
                 )
+            if (self.out / METRICS).is_file() and (self.out / METRICS).stat().st_size:
+                raise ValueError(
+                    f"{self.out} already holds {METRICS} of a run that stopped before its first checkpoint; "
+                    f"pass --resume to start that run again at step 0, or choose another --out"
+                )
             return
         if resume == "latest":
             if not existing:
                 self._print(f"no checkpoint in {self.root}: starting at step 0")
+                if self.rank == 0:
+                    trim_metrics(self.out, 0)
                 return
             path = existing[-1]
         else:
@@ -132,20 +147,18 @@ class Trainer:
         try:
             state = verify_checkpoint(path)
         except ValueError as err:
-            earlier = [p.name for p in existing if p.name < path.name]
+            earlier = [p.name for p in list_checkpoints(self.root) if p.name < path.name]
             hint = f"; earlier checkpoints: {earlier}, e.g. --resume {self.root / earlier[-1]}" if earlier else ""
             raise ValueError(f"{err}{hint}") from err
-        changed = [
-            f"{name}: {state['settings'].get(name)!r} in the checkpoint, {value!r} now"
-            for name, value in self.fingerprint.items()
-            if state["settings"].get(name) != _jsonable(value)
-        ]
+        changed = _changes(state["settings"], _jsonable(self.fingerprint))
         if changed:
-            raise ValueError(f"checkpoint {path} was made with other settings: {'; '.join(changed)}")
+            message = f"checkpoint {path} was made with other settings: {'; '.join(changed.values())}"
+            if any(name.startswith("corpus.") for name in changed):
+                message += "; the shard directory was rebuilt or replaced since: resume on the shards it was made from"
+            raise ValueError(message)
         newer = [p for p in existing if p.name > path.name]
         if newer and self.rank == 0:  # a branch of the run that this one replaces; kept for inspection
-            aside = self.root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
-            aside.mkdir()
+            aside = Path(tempfile.mkdtemp(prefix=f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-", dir=self.root))
             for checkpoint in newer:
                 checkpoint.rename(aside / checkpoint.name)
             self._print(f"moved the checkpoints after {path.name} to {aside}")
@@ -339,6 +352,19 @@ def _parallelize(model: BertForMaskedLM, parallel: str, world_size: int, device:
         fully_shard(layer)
     fully_shard(model)
     return model
+
+
+def _changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """What differs between a checkpoint's settings and the run's: name -> "name: old in the
+    checkpoint, new now"; tables (the corpus) entry by entry."""
+    changed = {}
+    for name, value in now.items():
+        old = saved.get(name)
+        if isinstance(old, dict) and isinstance(value, dict):
+            changed |= _changes(old, value, f"{prefix}{name}.")
+        elif old != value:
+            changed[prefix + name] = f"{prefix}{name}: {old!r} in the checkpoint, {value!r} now"
+    return changed
 
 
 def _jsonable(value: Any) -> Any:
