@@ -1,9 +1,13 @@
-"""One run at a time per folder: an exclusive flock on a lock file, which the kernel releases when
-the holder ends, however it ends (also by SIGKILL), so no stale lock is ever left to clean up."""
+"""One run at a time per folder: an exclusive lock on a lock file, which the kernel releases when
+the holder ends, however it ends (also by SIGKILL), so no stale lock is ever left to clean up.
+
+A POSIX record lock (lockf), not flock: forked DataLoader workers do not inherit it, and they
+outlive a killed run by seconds."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -19,8 +23,10 @@ def exclusive_use(lock_file: Path, what: str, advice: str) -> Iterator[None]:
     descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             holder = os.pread(descriptor, 256, 0).decode(errors="replace").strip() or "unknown"
             raise ValueError(f"{what} is in use by another run (process {holder}); {advice}") from None
         os.ftruncate(descriptor, 0)
