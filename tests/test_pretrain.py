@@ -4,12 +4,14 @@ FSDP2 on CPU with gloo matching a single process."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -332,12 +334,18 @@ def test_a_line_longer_than_a_piece_gives_the_tokens_of_its_words(tmp_path, shar
     assert np.array_equal(built[0].tokens(0), built[1].tokens(0))
 
 
-def test_a_50_mb_line_is_tokenised_in_bounded_memory(tmp_path, shards):
+def _write_words(path: Path, size: int, end_of_line: str = ".\n") -> Path:
+    """A text file of about `size` bytes: lines of 20 random words, or one line with end_of_line=" "."""
     rng = random.Random(0)
     words = [f"w{i}" for i in range(250)] + "the of and to in is was for on".split()
-    with (tmp_path / "one-line.txt").open("w") as text:
-        while text.tell() < 50_000_000:
-            text.write(" ".join(rng.choices(words, k=10_000)) + " ")
+    with path.open("w") as text:
+        while text.tell() < size:
+            text.write(" ".join(rng.choices(words, k=20)) + end_of_line)
+    return path
+
+
+def test_a_50_mb_line_is_tokenised_in_bounded_memory(tmp_path, shards):
+    _write_words(tmp_path / "one-line.txt", 50_000_000, end_of_line=" ")
     probe = (
         "import resource, sys\nfrom tokdrop.pretrain import main\nstatus = main(sys.argv[1:])\n"
         "print(status, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)"
@@ -562,13 +570,13 @@ def test_a_second_run_on_one_out_is_refused(shards, tmp_path):
 
 
 def test_a_second_run_building_one_shard_directory_is_refused(shards, tmp_path):
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(250)] + "the of and to in is was for on".split()
-    with (tmp_path / "corpus.txt").open("w") as text:
-        while text.tell() < 10_000_000:
-            text.write(" ".join(rng.choices(words, k=20)) + ".\n")
     shard_dir = tmp_path / "shared"
-    argv = ["--data", str(tmp_path / "corpus.txt"), "--tokenizer", str(shards / "tokenizer.json")]
+    argv = [
+        "--data",
+        str(_write_words(tmp_path / "corpus.txt", 10_000_000)),
+        "--tokenizer",
+        str(shards / "tokenizer.json"),
+    ]
     argv += ["--shard-dir", str(shard_dir), "--prepare-only"]
     command = [sys.executable, "-m", "tokdrop.pretrain", *argv, "--out", str(tmp_path / "first")]
     first = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -721,18 +729,11 @@ def test_a_full_disk_while_tokenising_names_the_shard_directory(tmp_path, small_
 # ------------------------------------------------------------------------------------- distributed
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
 def _torchrun(*argv: str) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "tokdrop.pretrain",
-        *argv,
-    ]
+    command = [*TORCHRUN, "-m", "tokdrop.pretrain", *argv]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -758,3 +759,81 @@ def test_two_ranks_with_gloo_match_one_process(shards, tmp_path, parallel):
         whole = _losses(ranks)
         _torchrun(*argv, "--out", str(ranks), "--batch-size", "2", "--parallel", parallel, "--resume")
         assert _losses(ranks) == whole
+
+
+def _rank_pids(agent: int) -> dict[int, int]:
+    """The worker processes of a torchrun agent, by RANK."""
+    pids = {}
+    for task in Path(f"/proc/{agent}/task").iterdir():
+        for child in map(int, (task / "children").read_text().split()):
+            environment = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            pids |= {int(entry[5:]): child for entry in environment if entry.startswith(b"RANK=")}
+    return pids
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie
+    except FileNotFoundError:
+        return True
+
+
+# Runs that last until a rank is stopped; the other rank gives up 5 s after the last answer.
+ENDLESS = ["--batch-size", "2", "--steps", "100000", "--save-every", "100000", "--collective-timeout", "5"]
+
+
+def test_a_stopped_rank_is_named_instead_of_hanging_the_job(shards, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    command = [*TORCHRUN, "--max-restarts", "0", "-m", "tokdrop.pretrain", "--data", str(shards), "--out", str(out)]
+    with log.open("w") as stderr:
+        job = subprocess.Popen([*command, *TINY, *ENDLESS], env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+    ranks = {}
+    try:
+        _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 2, job)
+        ranks = _rank_pids(job.pid)
+        os.kill(ranks[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        _wait_for(lambda: _ended(ranks[0]), job)  # rank 0 gives up by itself
+        waited = time.monotonic() - stopped
+    finally:
+        with contextlib.suppress(ProcessLookupError, KeyError):
+            os.kill(ranks[1], signal.SIGKILL)
+        job.wait(120)
+    message = log.read_text()
+    assert "tokdrop pretrain: error: rank 0 of 2: rank 1 does not answer (Timed out waiting 5000ms" in message
+    assert "collectives wait --collective-timeout=5 s; there is no intact checkpoint in" in message
+    assert "continue with --resume once every rank runs" in message
+    assert waited < 60  # the timeout, a roll call of 5 s, and a loaded machine
+
+
+def test_a_killed_rank_is_named(shards, tmp_path):
+    """Two ranks started by hand (no torchrun agent, which would stop the survivor itself)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    job = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "tokdrop.pretrain", "--data", str(shards), "--out", str(out), *TINY, *ENDLESS]
+    ranks = []
+    for rank in (0, 1):
+        with (tmp_path / f"rank{rank}.txt").open("w") as stderr:
+            environment = {**job, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            ranks.append(subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=stderr))
+    try:
+        _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 2, ranks[0])
+        ranks[1].kill()
+        assert ranks[0].wait(60) == 1
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+    message = (tmp_path / "rank0.txt").read_text()
+    assert re.search(r"tokdrop pretrain: error: rank 0 of 2: rank 1 does not answer \(.*by peer", message), message
+    assert "Traceback" not in message
+
+
+def test_ranks_wait_for_rank_zero_tokenising_longer_than_the_collective_timeout(shards, tmp_path):
+    corpus = _write_words(tmp_path / "corpus.txt", 10_000_000)  # tokenising takes seconds
+    argv = ["--data", str(corpus), "--tokenizer", str(shards / "tokenizer.json"), "--out", str(tmp_path / "out")]
+    _torchrun(*argv, "--prepare-only", "--collective-timeout", "1")
+    assert ShardSet(tmp_path / "out" / "shards").total_tokens > 2_000_000

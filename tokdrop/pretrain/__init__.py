@@ -24,9 +24,13 @@ random_ltd and --full-every change the kept length from step to step. The length
 baked into each compiled graph, so with --compile every distinct length compiles once: at most
 (seq_len - start) / --ltd-granularity + 2 graphs. Eager mode pays nothing.
 
-Exit status: 0 done; 1 stopped by --max-bad-steps non-finite losses in a row, or by a failed
-write (a full disk: a checkpoint save that fails leaves no partial checkpoint; the newest intact
-one is named); 2 bad settings or data; 128+N stopped by signal N after writing a checkpoint.
+Under torchrun no rank waits forever: when a rank stops answering (stopped, hung, killed) for
+--collective-timeout seconds, the others stop and one of them names it.
+
+Exit status: 0 done; 1 stopped by --max-bad-steps non-finite losses in a row, by a failed write (a
+full disk: a checkpoint save that fails leaves no partial checkpoint; the newest intact one is
+named) or by a rank that stopped answering; 2 bad settings or data; 128+N stopped by signal N
+after writing a checkpoint.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from tokdrop.pretrain.disk import free_space
-from tokdrop.pretrain.distributed import all_ranks_ok, on_rank_zero, rank
+from tokdrop.pretrain.distributed import all_ranks_ok, is_peer_failure, on_rank_zero, rank
 
 CHECKPOINTS = "checkpoints"  # the folder of a run's checkpoints, in --out
 MANIFEST = "manifest.json"
@@ -109,6 +109,8 @@ def save_checkpoint(
                 work()
             # DCP wraps each rank's OSError in a CheckpointException, which is no Exception.
             except (Exception, CheckpointException) as err:
+                if is_peer_failure(err):  # the vote below would wait for the missing rank again
+                    raise
                 failure = err
         if not all_ranks_ok(failure is None):
             # Measured before the clean-up: torch.save reports a full disk as "unexpected pos", without errno.

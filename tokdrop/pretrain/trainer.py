@@ -48,7 +48,7 @@ from tokdrop.training import build_model, make_optimizer, warmup_linear_decay
 
 def pretrain(settings: Settings, *, resume: str | None = None, prepare_only: bool = False) -> int:
     """Run `settings` on this rank (the job's other ranks run it too); returns the exit status."""
-    rank, world_size, device = distributed.init_distributed()
+    rank, world_size, device = distributed.init_distributed(settings.collective_timeout)
     held = contextlib.ExitStack()
     try:
         distributed.on_rank_zero(lambda: held.enter_context(run_lock(Path(settings.out))))
@@ -65,12 +65,23 @@ def pretrain(settings: Settings, *, resume: str | None = None, prepare_only: boo
         return 1
     except OSError as err:  # a full disk, a lost mount: the message says it all, a traceback would not
         where = f"rank {rank}: " if world_size > 1 else ""
-        note = newest_checkpoint_note(Path(settings.out) / CHECKPOINTS)
-        print(f"tokdrop pretrain: error: {where}{err}; {note}", file=sys.stderr)
+        print(f"tokdrop pretrain: error: {where}{err}; {_newest_checkpoint(settings)}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if not distributed.is_peer_failure(err):
+            raise
+        message = distributed.describe_peer_failure(err)
+        if message is not None:
+            note = f"{_newest_checkpoint(settings)}; continue with --resume once every rank runs"
+            print(f"tokdrop pretrain: error: {message}; {note}", file=sys.stderr)
         return 1
     finally:
         held.close()
         distributed.shutdown()
+
+
+def _newest_checkpoint(settings: Settings) -> str:
+    return newest_checkpoint_note(Path(settings.out) / CHECKPOINTS)
 
 
 class Trainer:
