@@ -32,6 +32,7 @@ from tokdrop.pretrain.shards import ShardSet, build_shards, sources_of, text_fil
 from tokdrop.pretrain.stream import MaskedStream, PackedRows, feistel_permutation, rank_batches
 
 REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "pretrain_base.toml"
 TINY = [
     "--preset", "tiny", "--layers", "4", "--hidden", "32", "--heads", "2", "--intermediate", "64",
     "--seq-len", "32", "--batch-size", "4", "--steps", "8", "--warmup-steps", "2", "--log-every", "1",
@@ -111,8 +112,20 @@ def test_config_file_then_flags_and_presets(tmp_path):
     assert (base.layers, base.hidden, base.heads, base.intermediate) == (12, 768, 12, 3072)
     assert (large.layers, large.hidden, large.heads, large.intermediate) == (24, 1024, 16, 4096)
 
-    example = read_config_file(REPO / "examples" / "pretrain_base.toml")
-    assert Settings(**example).hidden == 768 and example["data"] == [str(REPO / "examples" / "corpus")]
+    example = read_config_file(EXAMPLE)
+    assert Settings(**example).hidden == 768 and Settings(**example).warmup_steps == 10_000
+
+
+def test_the_example_config_runs_with_data_and_says_when_data_is_missing(shards, tmp_path):
+    with pytest.raises(ValueError, match=r"no data: set --data \(or `data` in the --config file\)"):
+        _pretrain("--config", str(EXAMPLE))
+    assert not (EXAMPLE.parent / "runs").exists()  # refused before its --out is made
+    small = ["--layers", "2", "--hidden", "32", "--heads", "2", "--intermediate", "64", "--seq-len", "32"]
+    small += ["--batch-size", "2", "--steps", "3", "--num-workers", "0", "--no-compile"]  # compiling takes minutes
+    out = tmp_path / "run"
+    assert _pretrain("--config", str(EXAMPLE), "--data", str(shards), "--out", str(out), *small) == 0
+    config = BertForMaskedLM.from_pretrained(out / "model").config
+    assert config.token_drop.keep == 0.5 and _checkpoints(out) == ["step-00000003"]
 
 
 def test_yaml_config_file(tmp_path):

@@ -307,13 +307,17 @@ class ShardSet:
         return self._maps[shard]
 
 
-def prepare_shards(settings: Settings) -> ShardSet:
-    """The shard directory of --data, tokenising text on rank 0 the first time."""
+def require_data(settings: Settings) -> None:
+    """Refuse a run without --data, before it creates anything."""
     if not settings.data:
         raise ValueError(
             "no data: set --data (or `data` in the --config file) to text files, directories of them, "
             "or a shard directory"
         )
+
+
+def prepare_shards(settings: Settings) -> ShardSet:
+    """The shard directory of --data (see `require_data`), tokenising text on rank 0 the first time."""
     if len(settings.data) == 1 and (Path(settings.data[0]) / MANIFEST).is_file():
         return ShardSet(settings.data[0])
     directory = Path(settings.shard_dir or Path(settings.out) / "shards")
@@ -339,4 +343,4 @@ def prepare_shards(settings: Settings) -> ShardSet:
     return ShardSet(directory)
 
 
-__all__ = ["ShardSet", "prepare_shards", "build_shards", "sources_of", "text_files", "unusable_reason"]
+__all__ = ["ShardSet", "prepare_shards", "require_data", "build_shards", "sources_of", "text_files", "unusable_reason"]

@@ -40,7 +40,7 @@ from tokdrop.pretrain.locks import run_lock
 from tokdrop.pretrain.metrics import METRICS, MetricsLogger, trim_metrics
 from tokdrop.pretrain.modes import kept_fraction, kept_length, max_graphs, model_config, set_kept_length
 from tokdrop.pretrain.settings import RESUMABLE_CHANGES, Settings
-from tokdrop.pretrain.shards import ShardSet, prepare_shards
+from tokdrop.pretrain.shards import ShardSet, prepare_shards, require_data
 from tokdrop.pretrain.signals import StopSignals, ignore_stop_signals
 from tokdrop.pretrain.stream import MaskedStream, PackedRows, derive_seed, rank_batches
 from tokdrop.training import build_model, make_optimizer, warmup_linear_decay
@@ -48,6 +48,7 @@ from tokdrop.training import build_model, make_optimizer, warmup_linear_decay
 
 def pretrain(settings: Settings, *, resume: str | None = None, prepare_only: bool = False) -> int:
     """Run `settings` on this rank (the job's other ranks run it too); returns the exit status."""
+    require_data(settings)
     rank, world_size, device = distributed.init_distributed(settings.collective_timeout)
     held = contextlib.ExitStack()
     try:
