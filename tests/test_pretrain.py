@@ -4,6 +4,7 @@ FSDP2 on CPU with gloo matching a single process."""
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import json
 import os
@@ -210,6 +211,20 @@ def test_help_is_fast_and_loads_no_torch():
     assert loaded == "False" and float(seconds) < 1.0
 
 
+def test_the_modules_that_build_the_parser_import_no_torch_of_their_own():
+    """What pretrain owes to the test above, which also needs a lazy `import tokdrop`: the parser's
+    modules import torch (and the trainer) only inside functions."""
+    allowed = {"tokdrop.cli", "tokdrop.config", "tokdrop.presets", "tokdrop.pretrain.settings"}
+    for name in ("__init__.py", "settings.py"):
+        imported = set()
+        for node in ast.parse((REPO / "tokdrop" / "pretrain" / name).read_text()).body:
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module)
+        assert {module for module in imported if module.split(".")[0] in ("tokdrop", "torch")} <= allowed, name
+
+
 @pytest.mark.parametrize("mode", ["dense", "token_drop", "narrow", "random_ltd"])
 def test_the_tiny_preset_runs_in_every_mode(shards, tmp_path, mode):
     small = ["--seq-len", "32", "--batch-size", "2", "--num-workers", "0", "--steps", "2", "--save-every", "2"]
@@ -329,6 +344,12 @@ def test_data_that_is_not_a_file_says_what_it_is(tmp_path):
     corpus = _write_corpus(tmp_path / "corpus", files=1, lines=20)
     with pytest.raises(ValueError, match=r"tokenizer '.*pipe' is a FIFO \(named pipe\), not a tokenizer.json"):
         _pretrain("--data", str(corpus), "--tokenizer", str(fifo), "--out", out, "--prepare-only")
+    with pytest.raises(ValueError, match=r"--out .*part0.txt is a regular file, not a directory"):
+        _pretrain("--data", str(corpus), "--out", str(corpus / "part0.txt"), "--prepare-only")
+    with pytest.raises(ValueError, match=r"checkpoint .*part0.txt is a regular file, not a checkpoint directory"):
+        _pretrain(
+            "--data", str(corpus), "--vocab-size", "300", "--out", out, *TINY, "--resume", str(corpus / "part0.txt")
+        )
 
 
 def test_a_line_longer_than_a_piece_gives_the_tokens_of_its_words(tmp_path, shards):

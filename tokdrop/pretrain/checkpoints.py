@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from tokdrop.pretrain.disk import free_space
 from tokdrop.pretrain.distributed import all_ranks_ok, is_peer_failure, on_rank_zero, rank
+from tokdrop.pretrain.settings import path_problem
 
 CHECKPOINTS = "checkpoints"  # the folder of a run's checkpoints, in --out
 MANIFEST = "manifest.json"
@@ -148,7 +149,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     def check() -> dict[str, Any]:
         manifest_path = path / MANIFEST
         if not path.is_dir():
-            raise ValueError(f"checkpoint {path} does not exist")
+            raise ValueError(f"checkpoint {path} {path_problem(path, 'a checkpoint directory')}")
         if not manifest_path.is_file():
             raise ValueError(f"checkpoint {path} is incomplete: {MANIFEST} is missing")
         manifest = _read_json(manifest_path)

@@ -14,6 +14,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from tokdrop.pretrain.settings import path_problem
+
 
 @contextlib.contextmanager
 def exclusive_use(lock_file: Path, what: str, advice: str) -> Iterator[None]:
@@ -38,6 +40,8 @@ def exclusive_use(lock_file: Path, what: str, advice: str) -> Iterator[None]:
 
 def run_lock(out: Path) -> contextlib.AbstractContextManager[None]:
     """The lock of a run's output directory: two runs would interleave their metrics and checkpoints."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} {path_problem(out, 'a directory')}")
     return exclusive_use(out / ".pretrain.lock", f"--out {out}", "wait for it to end, or choose another --out")
 
 
