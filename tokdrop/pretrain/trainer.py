@@ -52,8 +52,8 @@ def pretrain(settings: Settings, *, resume: str | None = None, prepare_only: boo
     rank, world_size, device = distributed.init_distributed(settings.collective_timeout)
     held = contextlib.ExitStack()
     try:
-        distributed.on_rank_zero(lambda: held.enter_context(run_lock(Path(settings.out))))
         precision = _precision(settings.precision, device)
+        distributed.on_rank_zero(lambda: held.enter_context(run_lock(Path(settings.out))))
         shards = prepare_shards(settings)
         if prepare_only:
             if rank == 0:
