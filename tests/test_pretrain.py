@@ -4,13 +4,15 @@ FSDP2 on CPU with gloo matching a single process."""
 from __future__ import annotations
 
 import argparse
-import errno
+import ast
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,21 +23,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokdrop import BertForMaskedLM, pretrain, resume
+from tokdrop import BertForMaskedLM, pretrain
 from tokdrop.data import pack_sequences
-from tokdrop.pretrain import Settings, kept_length
-from tokdrop.shards import (
-    MaskedStream,
-    PackedRows,
-    ShardSet,
-    build_shards,
-    feistel_permutation,
-    rank_batches,
-    sources_of,
-    text_files,
-)
+from tokdrop.pretrain import checkpoints, locks
+from tokdrop.pretrain import shards as shards_module
+from tokdrop.pretrain.modes import kept_length
+from tokdrop.pretrain.settings import Settings, add_arguments, read_config_file, settings_from_arguments
+from tokdrop.pretrain.shards import ShardSet, build_shards, sources_of, text_files
+from tokdrop.pretrain.stream import MaskedStream, PackedRows, feistel_permutation, rank_batches
 
 REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "pretrain_base.toml"
 TINY = [
     "--preset", "tiny", "--layers", "4", "--hidden", "32", "--heads", "2", "--intermediate", "64",
     "--seq-len", "32", "--batch-size", "4", "--steps", "8", "--warmup-steps", "2", "--log-every", "1",
@@ -90,7 +88,7 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def _checkpoints(out: Path) -> list[str]:
-    return [p.name for p in resume.list_checkpoints(out / "checkpoints")]
+    return [p.name for p in checkpoints.list_checkpoints(out / "checkpoints")]
 
 
 # ---------------------------------------------------------------------------------------- settings
@@ -103,27 +101,39 @@ def test_config_file_then_flags_and_presets(tmp_path):
         '[data]\ndata = "corpus"\nseq-len = 64\n[train]\nlr = 1\nsteps = 50\nwarmup_steps = 5\n'
     )
     parser = argparse.ArgumentParser()
-    pretrain.add_arguments(parser)
-    settings = pretrain.settings_from_arguments(
-        parser.parse_args(["--config", str(config), "--hidden", "128", "--heads", "2"])
-    )
+    add_arguments(parser)
+    settings = settings_from_arguments(parser.parse_args(["--config", str(config), "--hidden", "128", "--heads", "2"]))
     assert (settings.layers, settings.hidden, settings.heads, settings.intermediate) == (4, 128, 2, 2048)
     assert settings.mode == "narrow" and settings.seq_len == 64 and settings.lr == 1.0
     assert settings.data == [str(tmp_path / "corpus")]  # relative to the config file
-    assert settings.weight_decay == 0.01 and Settings(steps=20_000).warmup_steps == 10_000
+    assert settings.weight_decay == 0.01 and settings.warmup_steps == 5
+    # BERT's 10,000 warm-up steps, scaled down to a tenth of a shorter run.
+    assert Settings(steps=1_000_000).warmup_steps == 10_000 and Settings(steps=50).warmup_steps == 5
     base, large = Settings(preset="base"), Settings(preset="large", steps=20_000)
     assert (base.layers, base.hidden, base.heads, base.intermediate) == (12, 768, 12, 3072)
     assert (large.layers, large.hidden, large.heads, large.intermediate) == (24, 1024, 16, 4096)
 
-    example = pretrain.read_config_file(REPO / "examples" / "pretrain_base.toml")
-    assert Settings(**example).hidden == 768 and example["data"] == [str(REPO / "examples" / "corpus")]
+    example = read_config_file(EXAMPLE)
+    assert Settings(**example).hidden == 768 and Settings(**example).warmup_steps == 10_000
+
+
+def test_the_example_config_runs_with_data_and_says_when_data_is_missing(shards, tmp_path):
+    with pytest.raises(ValueError, match=r"no data: set --data \(or `data` in the --config file\)"):
+        _pretrain("--config", str(EXAMPLE))
+    assert not (EXAMPLE.parent / "runs").exists()  # refused before its --out is made
+    small = ["--layers", "2", "--hidden", "32", "--heads", "2", "--intermediate", "64", "--seq-len", "32"]
+    small += ["--batch-size", "2", "--steps", "3", "--num-workers", "0", "--no-compile"]  # compiling takes minutes
+    out = tmp_path / "run"
+    assert _pretrain("--config", str(EXAMPLE), "--data", str(shards), "--out", str(out), *small) == 0
+    config = BertForMaskedLM.from_pretrained(out / "model").config
+    assert config.token_drop.keep == 0.5 and _checkpoints(out) == ["step-00000003"]
 
 
 def test_yaml_config_file(tmp_path):
     pytest.importorskip("yaml")
     config = tmp_path / "run.yaml"
     config.write_text("model: {preset: tiny}\nsteps: 30\nwarmup-steps: 3\n")
-    assert pretrain.read_config_file(config) == {"preset": "tiny", "steps": 30, "warmup_steps": 3}
+    assert read_config_file(config) == {"preset": "tiny", "steps": 30, "warmup_steps": 3}
 
 
 @pytest.mark.parametrize(
@@ -133,7 +143,18 @@ def test_yaml_config_file(tmp_path):
         ("[train]\nsteps = 'many'\n", "'steps' must be an integer, got 'many'"),
         ("steps = [\n", "is not valid"),
         ("mode = 'sparse'\n", "mode must be one of"),
-        ("steps = 10\n", "warmup_steps=10000 must be less than steps=10"),
+        ("steps = 10\nwarmup_steps = 10000\n", "warmup_steps=10000 must be less than steps=10"),
+        ("lr = inf\n", "lr must be a finite number, got inf"),
+        ("max_grad_norm = nan\n", "max_grad_norm must be a finite number, got nan"),
+        ("weight_decay = nan\n", "weight_decay must be a finite number, got nan"),
+        ("keep = -inf\n", "keep must be a finite number, got -inf"),
+        ("lr = 0\n", "lr must be > 0, got 0.0"),
+        ("dropout = 1\n", "dropout must be < 1, got 1.0"),
+        ("mlm_probability = 0\n", "mlm_probability must be > 0, got 0.0"),
+        ("seed = 18446744073709551616\n", "seed must be < 18446744073709551616, got 18446744073709551616"),
+        ("seed = -1\n", "seed must be >= 0, got -1"),
+        ("mode = 'narrow'\nlayers = 3\nfull_layers = 3\n", "full_layers=3 leaves no narrow layer in layers=3"),
+        ("mode = 'random_ltd'\nlayers = 1\n", "mode='random_ltd' needs layers >= 2"),
         ("seq_len = 1024\n", "seq_len=1024 exceeds max_position_embeddings=512"),
         ("mode = 'dense'\nfull_every = 2\n", "full_every=2 needs mode token_drop or random_ltd"),
         ("keep = 1.5\n", "keep must be in"),
@@ -144,6 +165,80 @@ def test_bad_settings_name_the_setting(tmp_path, text, match):
     config.write_text(text)
     with pytest.raises(ValueError, match=match):
         _pretrain("--config", str(config))
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "match"),
+    [
+        ("--lr", "inf", "lr must be a finite number, got inf"),
+        ("--max-grad-norm", "nan", "max_grad_norm must be a finite number, got nan"),
+        ("--weight-decay", "nan", "weight_decay must be a finite number, got nan"),
+        ("--seed", str(2**64), f"seed must be < {2**64}"),
+        ("--seed", "-5", "seed must be >= 0, got -5"),
+    ],
+)
+def test_bad_flags_are_refused_before_any_work(tmp_path, flag, value, match):
+    with pytest.raises(ValueError, match=match):
+        _pretrain("--data", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "out"), flag, value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_states_defaults_without_none(capsys):
+    parser = argparse.ArgumentParser()
+    pretrain.add_command(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "None" not in text
+    assert "--data DATA [DATA ...] text files, directories of them, or one shard directory (required" in text
+    assert "--warmup-steps WARMUP_STEPS linear warm-up steps, then linear decay to 0 (default: a tenth" in text
+    assert "--lr LR peak AdamW learning rate (default: 0.0001)" in text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="`import tokdrop` loads the model and tokdrop.config loads tokdrop.kernels, both torch; the encoder "
+    "rewrite makes them lazy",
+)
+def test_help_is_fast_and_loads_no_torch():
+    probe = (
+        "import sys, time; start = time.perf_counter(); from tokdrop.cli import main\n"
+        "try:\n    main(['pretrain', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(time.perf_counter() - start, 'torch' in sys.modules, file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], env=ENV, capture_output=True, text=True, check=True)
+    seconds, loaded = done.stderr.split()
+    assert loaded == "False" and float(seconds) < 1.0
+
+
+def test_the_modules_that_build_the_parser_import_no_torch_of_their_own():
+    """What pretrain owes to the test above, which also needs a lazy `import tokdrop`: the parser's
+    modules import torch (and the trainer) only inside functions."""
+    allowed = {"tokdrop.cli", "tokdrop.config", "tokdrop.presets", "tokdrop.pretrain.settings"}
+    for name in ("__init__.py", "settings.py"):
+        imported = set()
+        for node in ast.parse((REPO / "tokdrop" / "pretrain" / name).read_text()).body:
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module)
+        assert {module for module in imported if module.split(".")[0] in ("tokdrop", "torch")} <= allowed, name
+
+
+@pytest.mark.parametrize("mode", ["dense", "token_drop", "narrow", "random_ltd"])
+def test_the_tiny_preset_runs_in_every_mode(shards, tmp_path, mode):
+    small = ["--seq-len", "32", "--batch-size", "2", "--num-workers", "0", "--steps", "2", "--save-every", "2"]
+    out = tmp_path / mode
+    assert _pretrain("--preset", "tiny", "--mode", mode, "--data", str(shards), "--out", str(out), *small) == 0
+    config = BertForMaskedLM.from_pretrained(out / "model").config
+    assert config.num_hidden_layers == 2
+    assert config.narrow is None if mode != "narrow" else config.narrow.full_layers == 1  # 2 leaves no narrow layer
+
+
+@pytest.mark.xfail(strict=True, reason="the encoder rewrite lets a dense model have a single layer")
+def test_a_one_layer_dense_model_trains(shards, tmp_path):
+    argv = ["--data", str(shards), "--out", str(tmp_path), *TINY, "--layers", "1", "--mode", "dense"]
+    assert _pretrain(*argv) == 0
 
 
 def test_fp16_is_refused_on_cpu(shards, tmp_path):
@@ -232,6 +327,70 @@ def test_a_step_is_the_same_rows_and_masks_on_any_number_of_ranks(shards):
         assert all(torch.equal(first[k], again[k]) for k in first)
     epoch = len(stream.rows)
     assert not torch.equal(stream[0]["labels"], stream[epoch]["labels"])  # the next epoch masks anew
+
+
+def test_data_that_is_not_a_file_says_what_it_is(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"data path '.*pipe' is a FIFO \(named pipe\), not a text file"):
+        _pretrain("--data", str(fifo), "--out", out, "--prepare-only")
+    with pytest.raises(ValueError, match=r"data path '/dev/null' is a character device, not a text file"):
+        _pretrain("--data", "/dev/null", "--out", out, "--prepare-only")
+    with pytest.raises(ValueError, match=r"data path '.*missing' does not exist"):
+        _pretrain("--data", str(tmp_path / "missing"), "--out", out, "--prepare-only")
+    with pytest.raises(ValueError, match=r"config file .*pipe is a FIFO \(named pipe\), not a TOML or YAML file"):
+        _pretrain("--config", str(fifo))  # reading it would wait for a writer forever
+    corpus = _write_corpus(tmp_path / "corpus", files=1, lines=20)
+    with pytest.raises(ValueError, match=r"tokenizer '.*pipe' is a FIFO \(named pipe\), not a tokenizer.json"):
+        _pretrain("--data", str(corpus), "--tokenizer", str(fifo), "--out", out, "--prepare-only")
+    with pytest.raises(ValueError, match=r"--out .*part0.txt is a regular file, not a directory"):
+        _pretrain("--data", str(corpus), "--out", str(corpus / "part0.txt"), "--prepare-only")
+    with pytest.raises(ValueError, match=r"checkpoint .*part0.txt is a regular file, not a checkpoint directory"):
+        _pretrain(
+            "--data", str(corpus), "--vocab-size", "300", "--out", out, *TINY, "--resume", str(corpus / "part0.txt")
+        )
+
+
+def test_a_line_longer_than_a_piece_gives_the_tokens_of_its_words(tmp_path, shards):
+    """Text is cut into pieces at white space; a line of 300,000 characters tokenises as its words do."""
+    words = (f"w{i % 250} of the" for i in range(40_000))
+    long_line = " ".join(words)
+    assert len(long_line) > 4 * shards_module._PIECE_CHARS
+    (tmp_path / "long.txt").write_text(long_line)
+    (tmp_path / "lines.txt").write_text(long_line.replace(" ", "\n"))
+    tokenizer = ShardSet(shards).tokenizer()
+    built = [
+        build_shards([tmp_path / name], tmp_path / f"{name}.shards", tokenizer=tokenizer, vocab_size=400, sources={})
+        for name in ("long.txt", "lines.txt")
+    ]
+    assert built[0].counts == built[1].counts and built[0].total_tokens >= 120_000
+    assert np.array_equal(built[0].tokens(0), built[1].tokens(0))
+
+
+def _write_words(path: Path, size: int, end_of_line: str = ".\n") -> Path:
+    """A text file of about `size` bytes: lines of 20 random words, or one line with end_of_line=" "."""
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(250)] + "the of and to in is was for on".split()
+    with path.open("w") as text:
+        while text.tell() < size:
+            text.write(" ".join(rng.choices(words, k=20)) + end_of_line)
+    return path
+
+
+def test_a_50_mb_line_is_tokenised_in_bounded_memory(tmp_path, shards):
+    _write_words(tmp_path / "one-line.txt", 50_000_000, end_of_line=" ")
+    probe = (
+        "import resource, sys\nfrom tokdrop.pretrain import main\nstatus = main(sys.argv[1:])\n"
+        "print(status, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)"
+    )
+    argv = ["--data", str(tmp_path / "one-line.txt"), "--tokenizer", str(shards / "tokenizer.json")]
+    argv += ["--out", str(tmp_path / "out"), "--prepare-only"]
+    done = subprocess.run([sys.executable, "-c", probe, *argv], env=ENV, capture_output=True, text=True, check=True)
+    status, peak_bytes = map(int, done.stderr.split()[-2:])
+    assert status == 0 and ShardSet(tmp_path / "out" / "shards").total_tokens > 10_000_000
+    # Python, torch and the tokenizer take about 0.5 GiB; the whole line at once took 11 GiB.
+    assert peak_bytes < 1 << 30, f"peak RSS {peak_bytes / 2**20:.0f} MiB"
 
 
 # ------------------------------------------------------------------------------------------- a run
@@ -373,6 +532,138 @@ def test_corrupt_checkpoint_is_named_and_earlier_ones_stay(shards, tmp_path):
     assert [line["step"] for line in _metrics(out)] == list(range(1, 9))
 
 
+def test_a_lost_manifest_neither_hides_a_run_nor_sends_it_back(shards, tmp_path):
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    argv = ["--data", str(shards), "--out", str(out), *TINY]
+    assert _pretrain(*argv) == 0
+    (root / "step-00000008" / "manifest.json").unlink()
+    newest, earlier = (re.escape(str(root / name)) for name in ("step-00000008", "step-00000004"))
+    with pytest.raises(
+        ValueError,
+        match=rf"checkpoint {newest} is incomplete: manifest.json is missing; "
+        rf"earlier checkpoints: \['step-00000004'\], e.g. --resume {earlier}$",
+    ):
+        _pretrain(*argv, "--resume")
+    # Resuming from the earlier one sets the damaged one aside (it used to block the next save of
+    # that step with "Directory not empty").
+    assert _pretrain(*argv, "--resume", str(root / "step-00000004")) == 0
+    assert _checkpoints(out) == ["step-00000004", "step-00000008"]
+    assert [line["step"] for line in _metrics(out)] == list(range(1, 9))
+    (damaged,) = root.glob("abandoned-*/step-00000008")
+    assert not (damaged / "manifest.json").exists()
+
+    for manifest in root.glob("step-*/manifest.json"):
+        manifest.unlink()
+    with pytest.raises(ValueError, match=r"already holds checkpoints \(newest: step-00000008\).*--resume"):
+        _pretrain(*argv)
+
+
+def test_a_kill_before_the_first_checkpoint_then_resume_logs_each_step_once(shards, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--data", str(shards), "--out", str(out), *TINY, "--steps", "30", "--save-every", "30"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokdrop.pretrain", *argv], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 3, process)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert _checkpoints(out) == []
+    with pytest.raises(ValueError, match="already holds metrics.jsonl of a run that stopped before its first"):
+        _pretrain(*argv)
+    assert _pretrain(*argv, "--resume") == 0
+    assert [line["step"] for line in _metrics(out)] == list(range(1, 31))
+
+
+def _wait_for(condition, process: subprocess.Popen, seconds: float = 120) -> None:
+    """Poll `condition` until it holds; fail if `process` ends first or time runs out."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, f"the process ended first, with status {process.returncode}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_second_run_on_one_out_is_refused(shards, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--data", str(shards), "--out", str(out), *TINY, "--steps", "100000", "--save-every", "100000"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "tokdrop.pretrain", *argv], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 1, first)
+        with pytest.raises(
+            ValueError, match=rf"--out {re.escape(str(out))} is in use by another run \(process {first.pid} on "
+        ):
+            _pretrain(*argv)
+    finally:
+        first.send_signal(signal.SIGTERM)
+    assert first.wait(120) == 128 + signal.SIGTERM  # stopped with a checkpoint
+    with locks.run_lock(out):  # released at the end
+        pass
+
+
+def test_a_second_run_building_one_shard_directory_is_refused(shards, tmp_path):
+    shard_dir = tmp_path / "shared"
+    argv = [
+        "--data",
+        str(_write_words(tmp_path / "corpus.txt", 10_000_000)),
+        "--tokenizer",
+        str(shards / "tokenizer.json"),
+    ]
+    argv += ["--shard-dir", str(shard_dir), "--prepare-only"]
+    command = [sys.executable, "-m", "tokdrop.pretrain", *argv, "--out", str(tmp_path / "first")]
+    first = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock_file = tmp_path / ".shared.lock"  # read, never locked here: that could make the first run fail
+    _wait_for(lambda: lock_file.is_file() and lock_file.read_text().startswith(f"{first.pid} on "), first)
+    with pytest.raises(ValueError, match=rf"shard directory {re.escape(str(shard_dir))} is in use by another run"):
+        _pretrain(*argv, "--out", str(tmp_path / "second"))
+    assert first.wait(300) == 0
+    assert _pretrain(*argv, "--out", str(tmp_path / "second")) == 0  # built now: reused
+
+
+def test_resume_refuses_a_rebuilt_shard_directory(tmp_path):
+    corpus = _write_corpus(tmp_path / "corpus", files=1)
+    assert (
+        _pretrain("--data", str(corpus), "--vocab-size", "400", "--out", str(tmp_path / "prep"), "--prepare-only") == 0
+    )
+    shard_dir, original = tmp_path / "prep" / "shards", tmp_path / "original"
+    shutil.copytree(shard_dir, original)
+    argv = ["--data", str(shard_dir), "--out", str(tmp_path / "run"), *TINY, "--steps", "4", "--save-every", "2"]
+    assert _pretrain(*argv) == 0
+
+    # The same lines in another order: the same token counts and vocabulary, other token ids.
+    lines = (corpus / "part0.txt").read_text().splitlines(keepends=True)
+    random.Random(1).shuffle(lines)
+    (tmp_path / "shuffled.txt").write_text("".join(lines))
+    shutil.rmtree(shard_dir)
+    tokenizer = ShardSet(original).tokenizer()
+    build_shards([tmp_path / "shuffled.txt"], shard_dir, tokenizer=tokenizer, vocab_size=400, sources={})
+    assert ShardSet(shard_dir).counts == ShardSet(original).counts
+    digest = "'[0-9a-f]{64}'"
+    with pytest.raises(
+        ValueError,
+        match=rf"other settings: corpus\.tokens_sha256: {digest} in the checkpoint, {digest} now; "
+        r"the shard directory was rebuilt or replaced since",
+    ):
+        _pretrain(*argv, "--resume")
+
+    # The same token ids, another tokenizer.
+    shutil.rmtree(shard_dir)
+    shutil.copytree(original, shard_dir)
+    config = json.loads((shard_dir / "tokenizer.json").read_text())
+    vocab = config["model"]["vocab"]
+    word = next(token for token in vocab if not token.startswith("["))
+    vocab[word + "x"] = vocab.pop(word)
+    (shard_dir / "tokenizer.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"corpus\.tokenizer_sha256: {digest} in the checkpoint, {digest} now"):
+        _pretrain(*argv, "--resume")
+
+    shutil.rmtree(shard_dir)
+    shutil.copytree(original, shard_dir)
+    assert _pretrain(*argv, "--resume") == 0
+
+
 def test_resume_with_other_settings_names_them(shards, tmp_path):
     out = tmp_path / "run"
     assert _pretrain("--data", str(shards), "--out", str(out), *TINY, "--steps", "4", "--save-every", "2") == 0
@@ -424,41 +715,59 @@ def test_sigterm_checkpoints_and_stops(shards, tmp_path, monkeypatch):
     assert _checkpoints(out)[-1] == "step-00000008"
 
 
-def test_disk_full_during_save_keeps_the_previous_checkpoint(shards, tmp_path, monkeypatch, capsys):
-    save, calls = resume.dcp.save, [0]
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a folder on a real filesystem of that size: a tmpfs, which needs root."""
+    mounted = []
 
-    def save_until_the_disk_fills(state, checkpoint_id, **options):
-        calls[0] += 1
-        if calls[0] == 1:
-            return save(state, checkpoint_id=checkpoint_id, **options)
-        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def mount(size: str) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+        mounted.append(point)
+        return point
 
-    monkeypatch.setattr(resume.dcp, "save", save_until_the_disk_fills)
-    out = tmp_path / "run"
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(shards, small_disk, capsys):
+    out = small_disk("2m") / "run"  # a TINY checkpoint takes 1.4 MB: the second one cannot fit
     assert _pretrain("--data", str(shards), "--out", str(out), *TINY) == 1
     message = capsys.readouterr().err
-    assert "could not save checkpoint" in message and "No space left on device" in message
-    assert "the newest intact one is" in message and "step-00000004" in message
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004"]  # no partial
-    resume.verify_checkpoint(out / "checkpoints" / "step-00000004")
+    assert "Traceback" not in message and "CheckpointException" not in message
+    assert f"could not save checkpoint {out / 'checkpoints' / 'step-00000008'}: " in message
+    # torch.save reports a full disk as "unexpected pos"; DCP's own writes as ENOSPC.
+    assert re.search(r"(No space left on device|unexpected pos).* free of 2.0 MiB on its filesystem\)", message)
+    assert f"the newest intact checkpoint is {out / 'checkpoints' / 'step-00000004'}" in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004"]  # no partial .tmp
+    checkpoints.verify_checkpoint(out / "checkpoints" / "step-00000004")
+    assert not (out / "model").exists()
+
+
+def test_a_full_disk_while_tokenising_names_the_shard_directory(tmp_path, small_disk, capsys):
+    corpus = _write_corpus(tmp_path / "corpus", files=1, lines=3000)  # 240 KB of text, 100 KB of tokens
+    out = small_disk("64k") / "run"
+    assert _pretrain("--data", str(corpus), "--vocab-size", "300", "--out", str(out), "--prepare-only") == 1
+    message = capsys.readouterr().err
+    assert f"cannot write shard directory {out / 'shards'}: " in message
+    assert re.search(r"\(\d+ bytes free of 64.0 KiB on its filesystem\)", message)
+    assert f"there is no intact checkpoint in {out / 'checkpoints'}" in message
+    assert [p.name for p in out.iterdir() if not p.name.endswith(".lock")] == []  # no half-written shards
 
 
 # ------------------------------------------------------------------------------------- distributed
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
 def _torchrun(*argv: str) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "tokdrop.pretrain",
-        *argv,
-    ]
+    command = [*TORCHRUN, "-m", "tokdrop.pretrain", *argv]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -484,3 +793,81 @@ def test_two_ranks_with_gloo_match_one_process(shards, tmp_path, parallel):
         whole = _losses(ranks)
         _torchrun(*argv, "--out", str(ranks), "--batch-size", "2", "--parallel", parallel, "--resume")
         assert _losses(ranks) == whole
+
+
+def _rank_pids(agent: int) -> dict[int, int]:
+    """The worker processes of a torchrun agent, by RANK."""
+    pids = {}
+    for task in Path(f"/proc/{agent}/task").iterdir():
+        for child in map(int, (task / "children").read_text().split()):
+            environment = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            pids |= {int(entry[5:]): child for entry in environment if entry.startswith(b"RANK=")}
+    return pids
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie
+    except FileNotFoundError:
+        return True
+
+
+# Runs that last until a rank is stopped; the other rank gives up 5 s after the last answer.
+ENDLESS = ["--batch-size", "2", "--steps", "100000", "--save-every", "100000", "--collective-timeout", "5"]
+
+
+def test_a_stopped_rank_is_named_instead_of_hanging_the_job(shards, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    command = [*TORCHRUN, "--max-restarts", "0", "-m", "tokdrop.pretrain", "--data", str(shards), "--out", str(out)]
+    with log.open("w") as stderr:
+        job = subprocess.Popen([*command, *TINY, *ENDLESS], env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+    ranks = {}
+    try:
+        _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 2, job)
+        ranks = _rank_pids(job.pid)
+        os.kill(ranks[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        _wait_for(lambda: _ended(ranks[0]), job)  # rank 0 gives up by itself
+        waited = time.monotonic() - stopped
+    finally:
+        with contextlib.suppress(ProcessLookupError, KeyError):
+            os.kill(ranks[1], signal.SIGKILL)
+        job.wait(120)
+    message = log.read_text()
+    assert "tokdrop pretrain: error: rank 0 of 2: rank 1 does not answer (Timed out waiting 5000ms" in message
+    assert "collectives wait --collective-timeout=5 s; there is no intact checkpoint in" in message
+    assert "continue with --resume once every rank runs" in message
+    assert waited < 60  # the timeout, a roll call of 5 s, and a loaded machine
+
+
+def test_a_killed_rank_is_named(shards, tmp_path):
+    """Two ranks started by hand (no torchrun agent, which would stop the survivor itself)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    job = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "tokdrop.pretrain", "--data", str(shards), "--out", str(out), *TINY, *ENDLESS]
+    ranks = []
+    for rank in (0, 1):
+        with (tmp_path / f"rank{rank}.txt").open("w") as stderr:
+            environment = {**job, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            ranks.append(subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=stderr))
+    try:
+        _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 2, ranks[0])
+        ranks[1].kill()
+        assert ranks[0].wait(60) == 1
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+    message = (tmp_path / "rank0.txt").read_text()
+    assert re.search(r"tokdrop pretrain: error: rank 0 of 2: rank 1 does not answer \(.*by peer", message), message
+    assert "Traceback" not in message
+
+
+def test_ranks_wait_for_rank_zero_tokenising_longer_than_the_collective_timeout(shards, tmp_path):
+    corpus = _write_words(tmp_path / "corpus.txt", 10_000_000)  # tokenising takes seconds
+    argv = ["--data", str(corpus), "--tokenizer", str(shards / "tokenizer.json"), "--out", str(tmp_path / "out")]
+    _torchrun(*argv, "--prepare-only", "--collective-timeout", "1")
+    assert ShardSet(tmp_path / "out" / "shards").total_tokens > 2_000_000

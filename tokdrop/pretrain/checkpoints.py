@@ -24,72 +24,45 @@ import re
 import shutil
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from tokdrop.pretrain.disk import free_space
+from tokdrop.pretrain.distributed import all_ranks_ok, is_peer_failure, on_rank_zero, rank
+from tokdrop.pretrain.settings import path_problem
+
+CHECKPOINTS = "checkpoints"  # the folder of a run's checkpoints, in --out
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer.json"
 _STEP_DIR = re.compile(r"step-(\d{8})")
-_T = TypeVar("_T")
 
 
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written; the earlier ones are intact."""
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _all_ranks_ok(ok: bool) -> bool:
-    if not _distributed():
-        return ok
-    flag = torch.tensor([int(ok)], device=_collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def on_rank_zero(work: Callable[[], _T]) -> _T:
-    """Run `work` on rank 0 only and hand its result (or its ValueError) to every rank, so that no
-    rank waits forever for a rank that failed."""
-    outcome: list[Any] = [None, None]  # result, error message
-    if _rank() == 0:
-        try:
-            outcome[0] = work()
-        except ValueError as err:
-            outcome[1] = str(err)
-    if _distributed():
-        dist.broadcast_object_list(outcome, src=0)
-    if outcome[1] is not None:
-        raise ValueError(outcome[1])
-    return outcome[0]
-
-
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root` (those with a manifest), oldest first."""
+def step_directories(root: Path) -> list[Path]:
+    """Every checkpoint directory under `root`, oldest first: also one that lost its manifest, which
+    cannot be loaded but still marks how far the run got."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir()), key=lambda p: p.name)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root` (those with a manifest), oldest first."""
+    return [p for p in step_directories(root) if (p / MANIFEST).is_file()]
 
 
 def save_checkpoint(
@@ -116,7 +89,7 @@ def save_checkpoint(
         model_state, optimizer_state = get_state_dict(model, optimizer)
         with _single_process_is_intended():
             dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=temp)
-        torch.save(_rng_states(), temp / _rng_name(_rank()))
+        torch.save(_rng_states(), temp / _rng_name(rank()))
 
     def seal() -> None:
         (temp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
@@ -132,24 +105,41 @@ def save_checkpoint(
 
     for work, everyone in ((prepare, False), (write_state, True), (seal, False)):
         failure = None
-        if everyone or _rank() == 0:
+        if everyone or rank() == 0:
             try:
                 work()
-            except Exception as err:  # an OSError, or DCP's CheckpointException wrapping one
+            # DCP wraps each rank's OSError in a CheckpointException, which is no Exception.
+            except (Exception, CheckpointException) as err:
+                if is_peer_failure(err):  # the vote below would wait for the missing rank again
+                    raise
                 failure = err
-        if not _all_ranks_ok(failure is None):
-            if _rank() == 0:
+        if not all_ranks_ok(failure is None):
+            # Measured before the clean-up: torch.save reports a full disk as "unexpected pos", without errno.
+            cause = "another rank failed to write" if failure is None else f"{_cause(failure)} ({free_space(root)})"
+            if rank() == 0:
                 shutil.rmtree(temp, ignore_errors=True)
-            earlier = list_checkpoints(root)
-            kept = f"the newest intact one is {earlier[-1]}" if earlier else "there is no earlier one"
             raise CheckpointSaveError(
-                f"could not save checkpoint {final}: {failure or 'another rank failed to write'}; {kept}"
+                f"could not save checkpoint {final}: {cause}; {newest_checkpoint_note(root)}"
             ) from failure
-    if _rank() == 0:
+    if rank() == 0:
         stale = [p for p in root.iterdir() if p.name.startswith(".step-") and p.name.endswith(".tmp")]
-        for old in list_checkpoints(root)[:-keep_last] + stale:  # stale: saves cut short by a kill
+        for old in step_directories(root)[:-keep_last] + stale:  # stale: saves cut short by a kill
             shutil.rmtree(old)
     return final
+
+
+def newest_checkpoint_note(root: Path) -> str:
+    """Which checkpoint under `root` a run can continue from, as a clause for an error message."""
+    intact = list_checkpoints(root)
+    return f"the newest intact checkpoint is {intact[-1]}" if intact else f"there is no intact checkpoint in {root}"
+
+
+def _cause(error: BaseException) -> str:
+    """What failed, in one line: DCP's CheckpointException holds each failing rank's exception (and
+    its str() their tracebacks)."""
+    if isinstance(error, CheckpointException):
+        return "; ".join(f"rank {rank}: {failure}" for rank, (failure, _) in sorted(error.failures.items()))
+    return str(error)
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
@@ -159,7 +149,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     def check() -> dict[str, Any]:
         manifest_path = path / MANIFEST
         if not path.is_dir():
-            raise ValueError(f"checkpoint {path} does not exist")
+            raise ValueError(f"checkpoint {path} {path_problem(path, 'a checkpoint directory')}")
         if not manifest_path.is_file():
             raise ValueError(f"checkpoint {path} is incomplete: {MANIFEST} is missing")
         manifest = _read_json(manifest_path)
@@ -188,7 +178,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         with _single_process_is_intended():
             dcp.load({"model": model_state, "optim": optimizer_state}, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
-        rng = torch.load(path / _rng_name(_rank()), weights_only=True)
+        rng = torch.load(path / _rng_name(rank()), weights_only=True)
     except Exception as err:  # DCP and torch.load raise many kinds on bad data
         raise ValueError(f"cannot load checkpoint {path}: {err}") from err
     torch.set_rng_state(rng["cpu"])
@@ -243,11 +233,13 @@ def _fsync(path: Path) -> None:
 
 
 __all__ = [
+    "CHECKPOINTS",
     "CheckpointSaveError",
     "checkpoint_name",
     "list_checkpoints",
+    "newest_checkpoint_note",
     "load_checkpoint",
-    "on_rank_zero",
     "save_checkpoint",
+    "step_directories",
     "verify_checkpoint",
 ]

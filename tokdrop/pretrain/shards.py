@@ -1,15 +1,17 @@
-"""Token shards: a text corpus tokenised once into memory-mapped files, read back as an endless,
-seeded stream of packed and masked rows, split by data-parallel rank.
+"""Token shards: a text corpus tokenised once into memory-mapped files (`tokdrop.pretrain.stream`
+reads them back as training rows).
 
 A shard directory holds
 
-    shards.json       what the directory holds; written last, so a directory without it is incomplete
+    shards.json       what the directory holds (with the SHA-256 of all token ids, so that a
+                      resumed run notices a rebuilt directory); written last, so a directory
+                      without it is incomplete
     tokenizer.json    the tokenizer that made it
     tokens-00000.bin  token ids back to back: uint16 when the vocabulary fits, else uint32
 
-Nothing holds the corpus in memory: text is read line by line and its tokens are appended to the
-current shard as they come; rows are sliced from memory maps when asked for; the shuffled order is a
-pseudo-random permutation computed per position (`feistel_permutation`), never a stored index.
+Nothing holds the corpus in memory: text is read in chunks of 1 MiB, a line longer than 64 Ki
+characters is cut at white space (which the tokenizer splits at anyway), and the tokens are appended
+to the current shard as they come.
 
 Text files that are empty (nothing but white space) or not valid UTF-8 are skipped with a warning
 and listed, with the reason, under "skipped" in shards.json; no usable file at all is an error.
@@ -21,55 +23,32 @@ import codecs
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import warnings
-from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import accumulate, chain
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
-from torch import Tensor
 from tqdm import tqdm
 
-from tokdrop.data import MaskingCollator, load_tokenizer, special_token_ids, train_tokenizer
+from tokdrop.data import load_tokenizer, special_token_ids, train_tokenizer
+from tokdrop.pretrain.disk import free_space
+from tokdrop.pretrain.distributed import on_rank_zero
+from tokdrop.pretrain.locks import shard_directory_lock
+from tokdrop.pretrain.settings import Settings, path_problem
 
 MANIFEST = "shards.json"
-FORMAT = "tokdrop-token-shards-1"
+FORMAT = "tokdrop-token-shards-2"
 TOKENIZER = "tokenizer.json"
 SHARD_TOKENS = 1 << 27  # ids per shard file (256 MiB as uint16)
 _TEXT_BATCH_CHARS = 1 << 20  # text handed to the tokenizer at once (it encodes a batch in parallel)
-_FEISTEL_ROUNDS = 4
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed determined by `parts` (e.g. the run seed, a purpose and a position)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def feistel_permutation(index: int, size: int, key: object) -> int:
-    """Position `index` of a pseudo-random permutation of range(size) chosen by `key`, in O(1) memory.
-
-    A 4-round Feistel network is a bijection on [0, 4^h) for the smallest h with 4^h >= size; values
-    that land outside range(size) are sent through it again (cycle walking), which stays inside the
-    cycle of `index` and so ends in range(size), after fewer than 4 passes on average.
-    """
-    if not 0 <= index < size:
-        raise ValueError(f"index must be in [0, {size}), got {index}")
-    half = max(1, ((size - 1).bit_length() + 1) // 2)
-    mask = (1 << half) - 1
-    value = index
-    while True:
-        left, right = value >> half, value & mask
-        for round_ in range(_FEISTEL_ROUNDS):
-            left, right = right, left ^ (derive_seed(key, round_, right) & mask)
-        value = (left << half) | right
-        if value < size:
-            return value
+_READ_BYTES = 1 << 20
+_PIECE_CHARS = 1 << 16  # the longest text the tokenizer gets as one piece; its memory grows with that
+_UP_TO_LAST_SPACE = re.compile(r".*\s", re.DOTALL)
 
 
 # ---------------------------------------------------------------------------------------- text input
@@ -86,7 +65,7 @@ def text_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise ValueError(f"data path {str(path)!r} does not exist")
+            raise ValueError(f"data path {str(path)!r} {path_problem(path, 'a text file or a directory of them')}")
     if not files:
         raise ValueError(f"the data paths {[str(p) for p in paths]} hold no files")
     return files
@@ -110,20 +89,50 @@ def unusable_reason(path: Path) -> str | None:
     return None if has_text else "empty"
 
 
+def _text_pieces(path: Path, progress: tqdm) -> Iterator[str]:
+    """The non-blank lines of `path`, stripped, a line longer than `_PIECE_CHARS` in pieces cut at
+    white space; reads `_READ_BYTES` at a time, whatever the line lengths, and counts them on `progress`."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending = ""
+    with open(path, "rb") as file:
+        while chunk := file.read(_READ_BYTES):
+            progress.update(len(chunk))
+            *lines, pending = (pending + decoder.decode(chunk)).split("\n")
+            for line in lines:
+                yield from _pieces(line)
+            while len(pending) > _PIECE_CHARS:  # a line that goes on past this chunk
+                piece, pending = _cut(pending)
+                yield from _pieces(piece)
+    yield from _pieces(pending + decoder.decode(b"", final=True))
+
+
+def _cut(text: str) -> tuple[str, str]:
+    """`text` split after its last white space within `_PIECE_CHARS` characters (or at that length,
+    when there is none)."""
+    found = _UP_TO_LAST_SPACE.match(text, 0, _PIECE_CHARS)
+    end = found.end() if found else _PIECE_CHARS
+    return text[:end], text[end:]
+
+
+def _pieces(line: str) -> Iterator[str]:
+    while len(line) > _PIECE_CHARS:
+        piece, line = _cut(line)
+        if piece := piece.strip():
+            yield piece
+    if line := line.strip():
+        yield line
+
+
 def _line_batches(files: Sequence[Path], progress: tqdm) -> Iterator[list[str]]:
-    """Non-blank lines of `files`, about `_TEXT_BATCH_CHARS` at a time; counts bytes on `progress`."""
+    """The text pieces of `files`, about `_TEXT_BATCH_CHARS` at a time; counts bytes on `progress`."""
     batch, size = [], 0
     for path in files:
-        with open(path, "rb") as file:
-            for raw in file:
-                progress.update(len(raw))
-                line = raw.decode("utf-8").strip()
-                if line:
-                    batch.append(line)
-                    size += len(line)
-                if size >= _TEXT_BATCH_CHARS:
-                    yield batch
-                    batch, size = [], 0
+        for piece in _text_pieces(path, progress):
+            batch.append(piece)
+            size += len(piece)
+            if size >= _TEXT_BATCH_CHARS:
+                yield batch
+                batch, size = [], 0
     if batch:
         yield batch
 
@@ -172,7 +181,7 @@ def build_shards(
     temp = directory.with_name(f".{directory.name}.{secrets.token_hex(4)}.tmp")
     temp.mkdir(parents=True)
     try:
-        counts = _write_token_files(usable, temp, tokenizer, dtype, shard_tokens)
+        counts, tokens_sha256 = _write_token_files(usable, temp, tokenizer, dtype, shard_tokens)
         if sum(counts) == 0:
             raise ValueError(f"the data files {[str(p) for p in usable[:5]]} hold no tokens")
         tokenizer.save(str(temp / TOKENIZER))
@@ -181,11 +190,16 @@ def build_shards(
             "dtype": dtype.name,
             "vocab_size": tokenizer.get_vocab_size(),
             "tokens": counts,
+            "tokens_sha256": tokens_sha256,
             "sources": sources,
             "skipped": skipped,
         }
         (temp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(temp, directory)
+    except OSError as err:  # numpy's failed write names neither the file nor the cause
+        message = f"cannot write shard directory {directory}: {err} ({free_space(temp)})"
+        shutil.rmtree(temp, ignore_errors=True)
+        raise OSError(message) from err
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
@@ -196,8 +210,11 @@ def build_shards(
 
 def _write_token_files(
     files: Sequence[Path], directory: Path, tokenizer: Tokenizer, dtype: np.dtype, shard_tokens: int
-) -> list[int]:
+) -> tuple[list[int], str]:
+    """Tokenise `files` into token files in `directory`; returns the tokens per file and the
+    SHA-256 of all of them."""
     counts: list[int] = []
+    digest = hashlib.sha256()
     out = None
     try:
         with _byte_progress(files, "tokenising") as progress:
@@ -212,11 +229,12 @@ def _write_token_files(
                         counts.append(0)
                     part, ids = ids[: shard_tokens - counts[-1]], ids[shard_tokens - counts[-1] :]
                     part.tofile(out)
+                    digest.update(part)
                     counts[-1] += len(part)
     finally:
         if out is not None:
             out.close()
-    return counts
+    return counts, digest.hexdigest()
 
 
 def _shard_name(index: int) -> str:
@@ -238,10 +256,13 @@ class ShardSet:
         try:
             manifest = json.loads(path.read_text())
             if manifest.get("format") != FORMAT:
-                raise ValueError(f"format is {manifest.get('format')!r}, expected {FORMAT!r}")
+                raise ValueError(
+                    f"format is {manifest.get('format')!r}, expected {FORMAT!r}; remove the directory to rebuild it"
+                )
             self.dtype = np.dtype(manifest["dtype"])
             self.counts = [int(n) for n in manifest["tokens"]]
             self.vocab_size = int(manifest["vocab_size"])
+            self.tokens_sha256 = str(manifest["tokens_sha256"])
             self.skipped = manifest["skipped"]
             self.sources = manifest["sources"]
         except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
@@ -267,8 +288,15 @@ class ShardSet:
         return load_tokenizer(self.directory / TOKENIZER)
 
     def identity(self) -> dict:
-        """What a resumed run must find again: the token counts and the vocabulary."""
-        return {"tokens": self.counts, "dtype": self.dtype.name, "vocab_size": self.vocab_size}
+        """What a resumed run must find again: the same token ids (by their count and their hash
+        taken when they were written) and the same tokenizer (by the hash of its file)."""
+        return {
+            "tokens": self.counts,
+            "dtype": self.dtype.name,
+            "vocab_size": self.vocab_size,
+            "tokens_sha256": self.tokens_sha256,
+            "tokenizer_sha256": hashlib.sha256((self.directory / TOKENIZER).read_bytes()).hexdigest(),
+        }
 
     def tokens(self, shard: int) -> np.memmap:
         if self._maps is None:
@@ -279,77 +307,40 @@ class ShardSet:
         return self._maps[shard]
 
 
-class PackedRows:
-    """Rows ``[CLS] + seq_len - 2 consecutive tokens + [SEP]`` cut from each shard in order (as
-    `tokdrop.data.pack_sequences` cuts its token stream); a shard's ragged tail is left out."""
-
-    def __init__(self, shards: ShardSet, seq_len: int, cls_id: int, sep_id: int) -> None:
-        if seq_len < 3:
-            raise ValueError(f"seq_len must be >= 3 ([CLS], a token, [SEP]), got {seq_len}")
-        self.shards, self.seq_len, self.cls_id, self.sep_id = shards, seq_len, cls_id, sep_id
-        self.body = seq_len - 2
-        self._ends = list(accumulate(count // self.body for count in shards.counts))
-        if len(self) == 0:
-            raise ValueError(
-                f"{shards.directory} holds {shards.total_tokens} tokens, too few for one row of seq_len={seq_len}"
-            )
-
-    def __len__(self) -> int:
-        return self._ends[-1]
-
-    def __getitem__(self, row: int) -> Tensor:
-        """Row `row` as a LongTensor [seq_len]."""
-        shard = bisect_right(self._ends, row)
-        start = (row - (self._ends[shard - 1] if shard else 0)) * self.body
-        ids = np.empty(self.seq_len, dtype=np.int64)
-        ids[0], ids[-1] = self.cls_id, self.sep_id
-        ids[1:-1] = self.shards.tokens(shard)[start : start + self.body]
-        return torch.from_numpy(ids)
+def require_data(settings: Settings) -> None:
+    """Refuse a run without --data, before it creates anything."""
+    if not settings.data:
+        raise ValueError(
+            "no data: set --data (or `data` in the --config file) to text files, directories of them, "
+            "or a shard directory"
+        )
 
 
-class MaskedStream(torch.utils.data.Dataset):
-    """Position q of an endless stream of masked rows, fixed by the seed alone.
+def prepare_shards(settings: Settings) -> ShardSet:
+    """The shard directory of --data (see `require_data`), tokenising text on rank 0 the first time."""
+    if len(settings.data) == 1 and (Path(settings.data[0]) / MANIFEST).is_file():
+        return ShardSet(settings.data[0])
+    directory = Path(settings.shard_dir or Path(settings.out) / "shards")
 
-    Epoch e = q // len(rows) visits every row once, in the order of a Feistel permutation keyed by
-    (seed, e); row masking draws from a generator seeded by (seed, q). So a batch depends only on
-    its positions: not on the number of ranks or workers, nor on where a run was resumed.
-    """
+    def tokenise() -> None:
+        with shard_directory_lock(directory):
+            files = text_files(settings.data)
+            tokenizer_path = Path(settings.tokenizer) if settings.tokenizer else None
+            if tokenizer_path and not (tokenizer_path.is_file() or tokenizer_path.is_dir()):
+                expected = "a tokenizer.json, a vocab.txt or a directory holding one"
+                raise ValueError(f"tokenizer {settings.tokenizer!r} {path_problem(tokenizer_path, expected)}")
+            sources = sources_of(files, settings.tokenizer, settings.vocab_size)
+            if not directory.exists():
+                tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
+                build_shards(files, directory, tokenizer=tokenizer, vocab_size=settings.vocab_size, sources=sources)
+            elif ShardSet(directory).sources != sources:
+                raise ValueError(
+                    f"shard directory {directory} was made from other files or another tokenizer; "
+                    f"remove it or choose another --shard-dir"
+                )
 
-    def __init__(self, rows: PackedRows, collator: MaskingCollator, seed: int) -> None:
-        self.rows, self.collator, self.seed = rows, collator, seed
-
-    def __getitem__(self, position: int) -> dict[str, Tensor]:
-        epoch, index = divmod(position, len(self.rows))
-        ids = self.rows[feistel_permutation(index, len(self.rows), (self.seed, epoch))]
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "mask", position))
-        return {name: row[0] for name, row in self.collator(ids[None], generator=generator).items()}
-
-
-def rank_batches(
-    first_step: int, steps: int, micro_batch: int, accumulation: int, rank: int, world_size: int
-) -> Iterator[list[int]]:
-    """Stream positions of rank `rank`'s micro-batches for steps [first_step, steps).
-
-    Step t consumes positions [t*G, (t+1)*G) with G = micro_batch * accumulation * world_size; its
-    micro-batch m on rank r is the slice starting at t*G + (m*world_size + r)*micro_batch. With one
-    micro-batch per step, the ranks' batches together are exactly a single process's batch of G.
-    """
-    global_batch = micro_batch * accumulation * world_size
-    for step in range(first_step, steps):
-        for micro in range(accumulation):
-            start = step * global_batch + (micro * world_size + rank) * micro_batch
-            yield list(range(start, start + micro_batch))
+    on_rank_zero(tokenise)
+    return ShardSet(directory)
 
 
-__all__ = [
-    "MaskedStream",
-    "PackedRows",
-    "ShardSet",
-    "build_shards",
-    "derive_seed",
-    "feistel_permutation",
-    "rank_batches",
-    "sources_of",
-    "text_files",
-    "unusable_reason",
-]
+__all__ = ["ShardSet", "prepare_shards", "require_data", "build_shards", "sources_of", "text_files", "unusable_reason"]
