@@ -117,15 +117,18 @@ def packed_via_padded(padded_fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen
     back. Rows past cu_seqlens_q[-1] come out zero."""
     batch = cu_seqlens_q.shape[0] - 1
 
-    def pad(x, cu_seqlens, max_seqlen):
-        where, lens = padded_positions(cu_seqlens, x.shape[0], max_seqlen)
+    def pad(x, where, max_seqlen):
         slots = x.new_zeros((batch * max_seqlen + 1, *x.shape[1:])).index_copy(0, where, x)
-        return slots[:-1].unflatten(0, (batch, max_seqlen)), where, lens
+        return slots[:-1].unflatten(0, (batch, max_seqlen))
 
-    q_pad, q_where, q_lens = pad(q, cu_seqlens_q, max_seqlen_q)
-    k_pad, _, k_lens = pad(k, cu_seqlens_k, max_seqlen_k)
-    v_pad, _, _ = pad(v, cu_seqlens_k, max_seqlen_k)
-    out = padded_fn(q_pad, k_pad, v_pad, q_lens, k_lens, **kwargs)
+    q_where, q_lens = padded_positions(cu_seqlens_q, q.shape[0], max_seqlen_q)
+    same = cu_seqlens_k is cu_seqlens_q and max_seqlen_k == max_seqlen_q and k.shape[0] == q.shape[0]
+    k_where, k_lens = (q_where, q_lens) if same else padded_positions(cu_seqlens_k, k.shape[0], max_seqlen_k)
+    # Keys and values share their positions: one scatter for both.
+    kv = pad(torch.cat([k, v], dim=-1), k_where, max_seqlen_k)
+    out = padded_fn(
+        pad(q, q_where, max_seqlen_q), *kv.split([k.shape[-1], v.shape[-1]], dim=-1), q_lens, k_lens, **kwargs
+    )
     return F.pad(out.flatten(0, 1), (0, 0, 0, 0, 0, 1))[q_where]
 
 

@@ -423,3 +423,44 @@ def test_sctd_is_refused_where_it_does_not_apply():
             BASE, token_drop=tokdrop.TokenDropConfig(consistency_every=5, end_layer=4)
         )
     assert [s for s in range(25) if tokdrop.TokenDropConfig(consistency_every=10).consistency_due(s)] == [0, 10, 20]
+
+
+# ------------------------------------------------------------------------------------------- unpadding
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "triton"])
+@pytest.mark.parametrize("cls", [tokdrop.BertModel, tokdrop.BertForSequenceClassification])
+def test_unpadded_encoder_matches_the_padded_one(cls, backend):
+    """Every layer on the packed real tokens: the same outputs and gradients as the padded path
+    (float32, 1e-5), exact zeros at the padded positions; the Triton backend runs its packed kernel."""
+    ids, mask, types, _ = batch(lengths=(20, 13, 1, 7))
+    outputs = []
+    for unpad in (False, True):
+        torch.manual_seed(0)
+        config = dataclasses.replace(BASE, unpad=unpad, attn_backend=backend, hidden_size=64, num_attention_heads=2)
+        model = cls(config).train()  # fine-tuning: dropout is off in BASE, gradients on
+        out = model(ids, mask, types)
+        value = out.last_hidden_state if cls is tokdrop.BertModel else out.logits
+        value.square().sum().backward()
+        outputs.append((value, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (padded, padded_grads), (packed, packed_grads) = outputs
+    if cls is tokdrop.BertModel:
+        real = mask.bool()
+        assert bool((packed[~real] == 0).all())
+        padded, packed = padded[real], packed[real]
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+    # The padded path's gradients include the padding rows' made-up outputs; compare a classifier's.
+    if cls is tokdrop.BertForSequenceClassification:
+        for name in padded_grads:
+            torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_unpadding_is_left_to_passes_over_every_token():
+    ids, mask, types, labels = batch()
+    dense = make(tokdrop.BertForMaskedLM).train()
+    unpadded = share_weights(make(tokdrop.BertForMaskedLM, unpad=True), dense).train()
+    torch.testing.assert_close(unpadded(ids, mask, types, labels).loss, dense(ids, mask, types, labels).loss)
+    with pytest.raises(ValueError, match="the packed layout runs every token"):
+        unpadded.bert.encoder(
+            torch.zeros(5, 32), tokdrop.layers.Packed(torch.tensor([0, 5]), 5), scores=torch.ones(1, 5)
+        )

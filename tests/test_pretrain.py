@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file
 
 from tokdrop import BertForMaskedLM, pretrain
-from tokdrop.data import pack_sequences
+from tokdrop.data import SpecialTokenIds, pack_sequences
 from tokdrop.pretrain import checkpoints, locks
 from tokdrop.pretrain import shards as shards_module
-from tokdrop.pretrain.modes import kept_length
+from tokdrop.pretrain.modes import consistency_step, kept_length, model_config
 from tokdrop.pretrain.settings import Settings, add_arguments, read_config_file, settings_from_arguments
 from tokdrop.pretrain.shards import ShardSet, build_shards, sources_of, text_files
 from tokdrop.pretrain.stream import MaskedStream, PackedRows, feistel_permutation, rank_batches
@@ -156,7 +156,7 @@ def test_yaml_config_file(tmp_path):
         ("mode = 'narrow'\nlayers = 3\nfull_layers = 3\n", "full_layers=3 leaves no narrow layer in layers=3"),
         ("mode = 'random_ltd'\nlayers = 1\n", "mode='random_ltd' needs layers >= 2"),
         ("seq_len = 1024\n", "seq_len=1024 exceeds max_position_embeddings=512"),
-        ("mode = 'dense'\nfull_every = 2\n", "full_every=2 needs mode token_drop or random_ltd"),
+        ("mode = 'dense'\nconsistency_every = 2\n", "consistency_every=2 needs mode token_drop"),
         ("keep = 1.5\n", "keep must be in"),
     ],
 )
@@ -214,7 +214,7 @@ def test_help_is_fast_and_loads_no_torch():
 def test_the_modules_that_build_the_parser_import_no_torch_of_their_own():
     """What pretrain owes to the test above, which also needs a lazy `import tokdrop`: the parser's
     modules import torch (and the trainer) only inside functions."""
-    allowed = {"tokdrop.cli", "tokdrop.config", "tokdrop.presets", "tokdrop.pretrain.settings"}
+    allowed = {"tokdrop.checks", "tokdrop.cli", "tokdrop.presets", "tokdrop.pretrain.settings"}
     for name in ("__init__.py", "settings.py"):
         imported = set()
         for node in ast.parse((REPO / "tokdrop" / "pretrain" / name).read_text()).body:
@@ -235,7 +235,6 @@ def test_the_tiny_preset_runs_in_every_mode(shards, tmp_path, mode):
     assert config.narrow is None if mode != "narrow" else config.narrow.full_layers == 1  # 2 leaves no narrow layer
 
 
-@pytest.mark.xfail(strict=True, reason="the encoder rewrite lets a dense model have a single layer")
 def test_a_one_layer_dense_model_trains(shards, tmp_path):
     argv = ["--data", str(shards), "--out", str(tmp_path), *TINY, "--layers", "1", "--mode", "dense"]
     assert _pretrain(*argv) == 0
@@ -260,8 +259,10 @@ def test_random_ltd_kept_length_grows_in_few_steps_to_the_full_length():
     assert lengths[0] == 32 and lengths[499] < 128 and set(lengths[500:]) == {128}
     assert lengths == sorted(lengths)
     assert sorted(set(lengths)) == list(range(32, 129, 16))  # one compiled graph each
-    consistent = Settings(mode="token_drop", keep=0.5, full_every=4, steps=20, warmup_steps=1, seq_len=64)
-    assert [kept_length(consistent, step) for step in range(8)] == [0.5, 0.5, 0.5, 64] * 2
+    sctd = Settings(mode="token_drop", keep=0.5, consistency_every=4, steps=20, warmup_steps=1, seq_len=64)
+    assert [kept_length(sctd, step) for step in range(8)] == [0.5] * 8
+    config = model_config(sctd, 100, SpecialTokenIds(0, 1, 2, 3, 4), 10)
+    assert [consistency_step(config, step) for step in range(8)] == [True, False, False, False] * 2
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -433,9 +434,12 @@ def test_run_logs_checkpoints_and_exports(shards, tmp_path):
         _pretrain("--data", str(shards), "--out", str(out), *TINY)
 
 
-@pytest.mark.parametrize("mode", ["random_ltd", "narrow"])
+@pytest.mark.parametrize("mode", ["random_ltd", "narrow", "token_drop"])
 def test_resume_repeats_the_uninterrupted_run_bitwise(shards, tmp_path, mode):
-    extra = ["--mode", mode] + (["--full-every", "3", "--ltd-ramp-steps", "6"] if mode == "random_ltd" else [])
+    extra = ["--mode", mode] + {
+        "random_ltd": ["--ltd-ramp-steps", "6"],
+        "token_drop": ["--consistency-every", "3"],
+    }.get(mode, [])
     whole = tmp_path / "whole"
     assert _pretrain("--data", str(shards), "--out", str(whole), *TINY, *extra) == 0
     resumed = tmp_path / "resumed"
@@ -473,7 +477,7 @@ def test_resume_after_sigkill_is_bitwise(shards, tmp_path):
         "3",
         "--dropout",
         "0.1",
-        "--full-every",
+        "--consistency-every",
         "5",
         "--num-workers",
         "1",

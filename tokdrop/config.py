@@ -13,6 +13,7 @@ from torch import Tensor
 
 from tokdrop.checks import check_int, check_number, check_probability
 from tokdrop.kernels import backend_names
+from tokdrop.presets import MODES
 
 IMPORTANCE_MODES = ("mlm_loss", "random")
 # Hugging Face's names of the feed-forward activations.
@@ -24,8 +25,6 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
 }
-# Training modes of a masked-LM model, as `with_mode` builds them.
-MODES = ("dense", "token_drop", "narrow", "random_ltd")
 
 
 def check_keep(keep: Any, name: str = "keep") -> None:
@@ -171,6 +170,9 @@ class BertConfig:
     # (keys and values from every token): the same loss for less compute. Without labels the layer
     # is full.
     last_layer_subset: bool = True
+    # Forward passes over padded batches run every layer on the packed real tokens only (MosaicBERT's
+    # unpadding): the same outputs for less compute; fine-tuning and inference, not token dropping.
+    unpad: bool = False
 
     def __post_init__(self) -> None:
         for name, kind in _MODE_FIELDS.items():
@@ -217,8 +219,9 @@ class BertConfig:
                 f"max_position_embeddings={self.max_position_embeddings} leaves no position after the "
                 f"offset {self.position_offset}"
             )
-        if not isinstance(self.last_layer_subset, bool):
-            raise TypeError(f"last_layer_subset must be True or False, got {self.last_layer_subset!r}")
+        for name in ("last_layer_subset", "unpad"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         modes = [name for name in _MODE_FIELDS if getattr(self, name) is not None]
         if len(modes) > 1:
             raise ValueError(f"{' and '.join(modes)} are exclusive modes; set at most one")

@@ -10,6 +10,8 @@ Layer protocol. `Encoder` runs a stack of layers, each a callable
                          with kv_lens[b] real tokens first
 
 `BertLayer` below follows it. Padding rows may hold any finite values; nothing reads them.
+`BertLayer` also takes the packed layout: x [T, H] holding the sequences back to back, with
+x_lens a `Packed` record of their offsets (the unpadded encoder; full and narrow layers only).
 
 Layer plan. Each layer of an `Encoder` has a kind, and the kinds say which tokens it sees:
 
@@ -37,17 +39,45 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokdrop.checks import check_int, check_number, check_probability
 from tokdrop.config import ACTIVATIONS, BertConfig, check_keep, drop_schedule
-from tokdrop.kernels import attention, drop_tokens, restore_tokens
+from tokdrop.kernels import attention, attention_varlen, drop_tokens, restore_tokens
 from tokdrop.kernels.validate import check_index, check_lengths, check_range
 
 FULL, CROSS, KEPT, NARROW, LTD = "full", "cross", "kept", "narrow", "ltd"
+
+
+class Packed(NamedTuple):
+    """The sequences of a packed [T, H] tensor: sequence b is rows cu_seqlens[b]:cu_seqlens[b + 1],
+    at most max_seqlen long (a static bound)."""
+
+    cu_seqlens: Tensor  # [B + 1] int32, starting at 0
+    max_seqlen: int
+
+
+def unpad(hidden: Tensor, lengths: Tensor) -> tuple[Tensor, Packed, Tensor]:
+    """The real rows of right-padded hidden [B, S, H] packed as [T, H], their `Packed` offsets, and
+    the flat positions [T] they came from (for `pad`). T is read back from the device."""
+    batch, seq_len = hidden.shape[:2]
+    real = (torch.arange(seq_len, device=hidden.device) < lengths[:, None]).flatten()
+    where = real.nonzero().squeeze(1)
+    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return hidden.flatten(0, 1)[where], Packed(cu_seqlens, seq_len), where
+
+
+def pad(packed: Tensor, where: Tensor, batch: int, seq_len: int) -> Tensor:
+    """`unpad`'s inverse: [T, H] back to [B, S, H], exact zeros at the padding."""
+    out = packed.new_zeros((batch * seq_len, packed.shape[-1]))
+    return out.index_copy(0, where, packed).unflatten(0, (batch, seq_len))
+
+
 LAYER_KINDS = (FULL, CROSS, KEPT, NARROW, LTD)
 
 # A float keep fraction is turned into a count with ceil(keep * length); the slack absorbs binary
@@ -254,21 +284,27 @@ class BertLayer(nn.Module):
         self.intermediate = _Intermediate(config)
         self.output = _DenseResidualNorm(config.intermediate_size, config.hidden_size, config)
 
-    def forward(self, x: Tensor, x_lens: Tensor, kv: Tensor | None = None, kv_lens: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, x_lens: Tensor | Packed, kv: Tensor | None = None, kv_lens: Tensor | Packed | None = None
+    ) -> Tensor:
         if kv is None:
             kv, kv_lens = x, x_lens
         proj = self.attention.self
         heads = (self.num_heads, -1)
-        context = attention(
+        q, k, v = (
             proj.query(x).unflatten(-1, heads),
             proj.key(kv).unflatten(-1, heads),
             proj.value(kv).unflatten(-1, heads),
-            x_lens,
-            kv_lens,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            validate=False,
         )
-        x = self.attention.output(context.flatten(2), x)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if isinstance(x_lens, Packed):
+            context = attention_varlen(
+                q, k, v, x_lens.cu_seqlens, kv_lens.cu_seqlens, x_lens.max_seqlen, kv_lens.max_seqlen,
+                dropout_p=dropout_p, validate=False,
+            )  # fmt: skip
+        else:
+            context = attention(q, k, v, x_lens, kv_lens, dropout_p=dropout_p, validate=False)
+        x = self.attention.output(context.flatten(-2), x)
         return self.output(self.intermediate(x), x)
 
 
@@ -335,6 +371,8 @@ class Encoder(nn.Module):
         query_lens: Tensor | None = None,
         inputs: list[Tensor] | None = None,
     ) -> Tensor:
+        if isinstance(lengths, Packed):
+            return self._packed(hidden, lengths, scores, query_index, inputs)
         seq_len = hidden.shape[1]
         check_lengths(lengths, lengths, seq_len, seq_len)
         if (query_index is None) != (query_lens is None):
@@ -381,6 +419,23 @@ class Encoder(nn.Module):
             return queries
         return hidden if query_index is None else drop_tokens(hidden, query_index, validate=False)
 
+    def _packed(
+        self, hidden: Tensor, lengths: Packed, scores: Tensor | None, query_index: Tensor | None, inputs: list | None
+    ) -> Tensor:
+        """Every layer on packed tokens [T, H]: full layers, and narrow ones over every token."""
+        if scores is not None or query_index is not None or (self.training and LTD in self.plan):
+            raise ValueError("the packed layout runs every token of every layer: no dropping, no query subset")
+        context = None
+        for layer, kind in zip(self.layer, self.plan, strict=True):
+            if inputs is not None:
+                inputs.append(hidden)
+            if kind == NARROW:
+                context = hidden if context is None else context
+                hidden = layer(hidden, lengths, context, lengths)
+            else:
+                hidden = layer(hidden, lengths)
+        return hidden
+
     def _ltd_keep(self, seq_len: int) -> float | int:
         """A kept count larger than this batch's rows keeps them whole."""
         return min(self.keep, seq_len) if isinstance(self.keep, int) else self.keep
@@ -425,6 +480,9 @@ class NarrowEncoder(Encoder):
 
 __all__ = [
     "LAYER_KINDS",
+    "Packed",
+    "pad",
+    "unpad",
     "BertLayer",
     "Encoder",
     "NarrowEncoder",

@@ -32,8 +32,10 @@ from tokdrop.layers import (
     TokenImportance,
     narrow_plan,
     pack_positions,
+    pad,
     random_ltd_plan,
     token_drop_plan,
+    unpad,
 )
 
 IGNORE_INDEX = -100
@@ -314,11 +316,20 @@ class BertModel(PretrainedMixin, nn.Module):
             scores = self.token_importance.scores(input_ids) if token_scores is None else token_scores
         hidden = self.embeddings(input_ids, token_type_ids)
         with active_backend(self.attention_backend(input_ids.device.type)):
-            hidden = self.encoder(
-                hidden, lengths, scores=scores, query_index=query_index, query_lens=query_lens, inputs=inputs
-            )
+            if self._unpadded(attention_mask, scores, query_index):
+                packed, offsets, where = unpad(hidden, lengths)
+                hidden = pad(self.encoder(packed, offsets, inputs=inputs), where, batch, seq_len)
+            else:
+                hidden = self.encoder(
+                    hidden, lengths, scores=scores, query_index=query_index, query_lens=query_lens, inputs=inputs
+                )
         pooled = None if self.pooler is None else self.pooler(hidden[:, 0])
         return BertOutput(hidden, pooled)
+
+    def _unpadded(self, attention_mask: Tensor | None, scores: Tensor | None, query_index: Tensor | None) -> bool:
+        """config.unpad applies to passes over padded batches that run every token in every layer."""
+        dropping = scores is not None or (self.training and self.config.random_ltd is not None)
+        return self.config.unpad and attention_mask is not None and not dropping and query_index is None
 
 
 class RobertaModel(BertModel):
@@ -393,11 +404,14 @@ class _MaskedLM(PretrainedMixin, nn.Module):
     def head(self) -> nn.Module:
         raise NotImplementedError
 
-    def _prediction_slots(self, predicted: Tensor) -> tuple[Tensor, Tensor]:
+    def _prediction_slots(self, predicted: Tensor, extra: int = 0) -> tuple[Tensor, Tensor]:
+        """The predicted positions packed into P slots (+ `extra` for positions that ride along)."""
         seq_len = predicted.shape[1]
         slots = self.config.max_predictions_per_seq
         if slots is None:
             slots = seq_len if torch.compiler.is_compiling() else max(1, int(predicted.sum(dim=1).max()))
+        else:
+            slots += extra
         return pack_positions(predicted, min(slots, seq_len))
 
     def forward(
@@ -429,7 +443,7 @@ class _MaskedLM(PretrainedMixin, nn.Module):
         if consistency:
             self._check_consistency()
             predicted = predicted | (torch.arange(labels.shape[1], device=labels.device) == 0)
-        positions, counts = self._prediction_slots(predicted)
+        positions, counts = self._prediction_slots(predicted, extra=int(consistency))
         slot_valid = torch.arange(positions.shape[1], device=positions.device) < counts[:, None]
         targets = torch.where(slot_valid, labels.gather(1, positions), IGNORE_INDEX)
         predictions = (targets != IGNORE_INDEX).sum()

@@ -1,5 +1,10 @@
-"""Model sizes by name, as BertConfig fields. Plain data without imports, so that command-line
+"""Model sizes and training modes by name. Plain data without imports, so that command-line
 parsers can offer them without loading torch."""
+
+# Training modes of a masked-LM model, as tokdrop.config.with_mode builds them.
+MODES = ("dense", "token_drop", "narrow", "random_ltd")
+
+# Sizes as BertConfig fields.
 
 PRESETS: dict[str, dict[str, int]] = {
     # Google's BERT miniatures (Turc et al. 2019).

@@ -20,9 +20,10 @@ steps, at the end, and on SIGTERM/SIGINT), model/ (save_pretrained + tokenizer.j
 --resume continues from the newest checkpoint exactly: the same batches, masks, dropout and
 importance table as a run that was never stopped.
 
-random_ltd and --full-every change the kept length from step to step. The length is a Python value
+random_ltd changes the kept length from step to step. The length is a Python value
 baked into each compiled graph, so with --compile every distinct length compiles once: at most
-(seq_len - start) / --ltd-granularity + 2 graphs. Eager mode pays nothing.
+(seq_len - start) / --ltd-granularity + 2 graphs. Eager mode pays nothing. ScTD's consistency steps
+(--consistency-every) are one more graph.
 
 Under torchrun no rank waits forever: when a rank stops answering (stopped, hung, killed) for
 --collective-timeout seconds, the others stop and one of them names it.

@@ -3,6 +3,8 @@ Every distinct kept length is one graph under --compile (`max_graphs` bounds the
 
 from __future__ import annotations
 
+import dataclasses
+
 from tokdrop.config import BertConfig, with_mode
 from tokdrop.data import SpecialTokenIds
 from tokdrop.layers import max_kept
@@ -24,22 +26,28 @@ def model_config(settings: Settings, vocab_size: int, specials: SpecialTokenIds,
         attention_probs_dropout_prob=settings.dropout,
         max_predictions_per_seq=predictions,
     )
-    return with_mode(
+    config = with_mode(
         base,
         settings.mode,
-        keep=kept_length(settings, 0) if settings.mode == "random_ltd" else settings.keep,
+        keep=kept_length(settings, 0),
         full_layers=settings.full_layers,
         allow_ids=(specials.cls, specials.sep, specials.mask, specials.unk),
     )
+    if config.token_drop is not None:
+        drop = dataclasses.replace(
+            config.token_drop,
+            consistency_every=settings.consistency_every,
+            consistency_weight=settings.consistency_weight,
+        )
+        config = dataclasses.replace(config, token_drop=drop)
+    return config
 
 
 def kept_length(settings: Settings, step: int) -> float | int:
     """`keep` of the token-dropping layers at step `step` (0-based): --keep for token_drop; for
     random_ltd a count growing linearly from --ltd-start to --seq-len over --ltd-ramp-steps in
-    multiples of --ltd-granularity (DeepSpeed's fixed_linear schedule); --seq-len on full steps."""
+    multiples of --ltd-granularity (DeepSpeed's fixed_linear schedule)."""
     seq_len = settings.seq_len
-    if settings.full_every and (step + 1) % settings.full_every == 0:
-        return seq_len
     if settings.mode != "random_ltd":
         return settings.keep
     start = max_kept(seq_len, settings.ltd_start)
@@ -56,18 +64,24 @@ def max_graphs(settings: Settings) -> int:
 
 
 def set_kept_length(model: BertForMaskedLM, keep: float | int) -> None:
-    """Make the token-dropping layers of `model` keep `keep` tokens from the next forward on."""
-    if model.config.token_drop is not None:
+    """Make the token-dropping or random-LTD layers of `model` keep `keep` tokens from the next
+    forward on."""
+    if model.config.token_drop is not None or model.config.random_ltd is not None:
         model.bert.encoder.keep = keep
+
+
+def consistency_step(config: BertConfig, step: int) -> bool:
+    """Whether step `step` (0-based) is one of ScTD's consistency steps."""
+    return config.token_drop is not None and config.token_drop.consistency_due(step)
 
 
 def kept_fraction(config: BertConfig, seq_len: int, keep: float | int) -> float:
     """Fraction of each row's tokens that the middle layers process (packed rows have no padding)."""
-    if config.token_drop is not None:
+    if config.token_drop is not None or config.random_ltd is not None:
         return max_kept(seq_len, keep) / seq_len
     if config.narrow is not None:
         return config.max_predictions_per_seq / seq_len
     return 1.0
 
 
-__all__ = ["kept_fraction", "kept_length", "max_graphs", "model_config", "set_kept_length"]
+__all__ = ["consistency_step", "kept_fraction", "kept_length", "max_graphs", "model_config", "set_kept_length"]

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokdrop.config import MODES
-from tokdrop.presets import PRESETS
+from tokdrop.presets import MODES, PRESETS
 
 # The size settings and the BertConfig fields they set.
 SIZE_FIELDS = {
@@ -70,12 +69,14 @@ class Settings:
     ltd_granularity: int = _setting(
         16, "random_ltd: the kept count grows in steps of this many tokens", "int", minimum=1
     )
-    full_every: int = _setting(
+    consistency_every: int = _setting(
         0,
-        "token_drop/random_ltd: every N-th step keeps every token (ScTD-style consistency); 0 = never",
+        "token_drop: every N-th step is a ScTD consistency step (the full pass too, and two KL constraints "
+        "between the passes); 0 = never",
         "int",
         minimum=0,
     )
+    consistency_weight: float = _setting(0.05, "token_drop: weight of ScTD's KL constraints", "float", minimum=0)
     # data
     data: list[str] | None = _setting(
         None, "text files, directories of them, or one shard directory (required: here or in --config)", "paths"
@@ -151,9 +152,9 @@ class Settings:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be less than steps={self.steps}")
         if self.seq_len > self.max_position_embeddings:
             raise ValueError(f"seq_len={self.seq_len} exceeds max_position_embeddings={self.max_position_embeddings}")
-        if self.full_every and self.mode not in _DROPPING_MODES:
+        if self.consistency_every and self.mode != "token_drop":
             raise ValueError(
-                f"full_every={self.full_every} needs mode token_drop or random_ltd, got mode={self.mode!r}"
+                f"consistency_every={self.consistency_every} needs mode token_drop, got mode={self.mode!r}"
             )
         # The kept-length rules live with the model (which imports torch); validating is part of a run.
         from tokdrop.layers import max_kept

@@ -38,7 +38,14 @@ from tokdrop.pretrain.checkpoints import (
 )
 from tokdrop.pretrain.locks import run_lock
 from tokdrop.pretrain.metrics import METRICS, MetricsLogger, trim_metrics
-from tokdrop.pretrain.modes import kept_fraction, kept_length, max_graphs, model_config, set_kept_length
+from tokdrop.pretrain.modes import (
+    consistency_step,
+    kept_fraction,
+    kept_length,
+    max_graphs,
+    model_config,
+    set_kept_length,
+)
 from tokdrop.pretrain.settings import RESUMABLE_CHANGES, Settings
 from tokdrop.pretrain.shards import ShardSet, prepare_shards, require_data
 from tokdrop.pretrain.signals import StopSignals, ignore_stop_signals
@@ -232,6 +239,7 @@ class Trainer:
         s = self.settings
         keep = kept_length(s, self.step)
         set_kept_length(self.raw, keep)
+        consistency = consistency_step(self.config, self.step)
         started = time.perf_counter()
         micro = [next(batches) for _ in range(s.grad_accum)]
         counts = torch.tensor([float((b["labels"] != IGNORE_INDEX).sum()) for b in micro], device=self.device)
@@ -240,7 +248,7 @@ class Trainer:
         for index, batch in enumerate(micro):
             batch = {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
             with self._gradient_sync(index == len(micro) - 1), self._autocast():
-                loss = self.model(**batch).loss
+                loss = self.model(**batch, consistency=consistency).loss
                 # Each rank's loss is a mean over its own predictions, and DDP/FSDP average gradients
                 # over ranks: weighting by this micro-batch's share of all predictions makes the
                 # gradient that of the mean over the global batch, however predictions are spread.
