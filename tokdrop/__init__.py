@@ -4,18 +4,19 @@ Pretrain cheaper by computing only on the tokens that matter; serve the result a
 full-sequence BERT.
 """
 
-from tokdrop import layers
-from tokdrop.config import BertConfig, NarrowConfig, TokenDropConfig
-from tokdrop.model import BertForMaskedLM, BertForSequenceClassification, BertModel
+from tokdrop.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BertConfig",
-    "BertForMaskedLM",
-    "BertForSequenceClassification",
-    "BertModel",
-    "NarrowConfig",
-    "TokenDropConfig",
-    "layers",
-]
+# Imported on first use: `import tokdrop` (which every command's --help does) stays free of torch.
+_SOURCES = {
+    "BertConfig": "config",
+    "NarrowConfig": "config",
+    "TokenDropConfig": "config",
+    "BertForMaskedLM": "model",
+    "BertForSequenceClassification": "model",
+    "BertModel": "model",
+    "layers": "layers",
+}
+__getattr__, __dir__ = lazy_attributes(__name__, _SOURCES)
+__all__ = sorted(_SOURCES)
