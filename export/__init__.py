@@ -5,48 +5,38 @@
     print(report.summary())
 
 Each exporter validates its output against the PyTorch model (max abs difference per output,
-ValidationError past the tolerance) and writes its files atomically. Heads, dtypes, shapes and
-tolerances are described in `tokdrop.export.common`. The optional packages (onnx, onnxscript,
-onnxruntime-gpu, torch_tensorrt, tensorrt) are imported only when a format needs them.
+ValidationError past the tolerance) and writes its files atomically. The signature of the exported
+graphs is described in `tokdrop.export.signature`, the steps every format shares in
+`tokdrop.export.pipeline`. The optional packages (onnx, onnxscript, onnxruntime-gpu,
+torch_tensorrt, tensorrt) are imported only when a format needs them, and torch only when a name
+of this package is first used.
 """
 
-from tokdrop.export.aoti_export import package_metadata, to_aoti
-from tokdrop.export.common import (
-    DTYPES,
-    HEADS,
-    INPUT_NAMES,
-    TOLERANCES,
-    ExportError,
-    ExportReport,
-    MissingDependencyError,
-    Tolerance,
-    ValidationError,
-    load_model,
-    make_inputs,
-    prepare,
-)
-from tokdrop.export.onnx_export import fuse_for_ort, make_session, select_providers, to_onnx
-from tokdrop.export.tensorrt_export import to_tensorrt, to_tensorrt_from_onnx
+from tokdrop.lazy import lazy_attributes
 
-__all__ = [
-    "DTYPES",
-    "HEADS",
-    "INPUT_NAMES",
-    "TOLERANCES",
-    "ExportError",
-    "ExportReport",
-    "MissingDependencyError",
-    "Tolerance",
-    "ValidationError",
-    "fuse_for_ort",
-    "load_model",
-    "make_inputs",
-    "make_session",
-    "package_metadata",
-    "prepare",
-    "select_providers",
-    "to_aoti",
-    "to_onnx",
-    "to_tensorrt",
-    "to_tensorrt_from_onnx",
-]
+_SOURCES = {
+    "DTYPES": "heads",
+    "HEADS": "signature",
+    "INPUT_NAMES": "signature",
+    "TOLERANCES": "tolerances",
+    "ExportError": "errors",
+    "ExportOptions": "pipeline",
+    "ExportReport": "report",
+    "MissingDependencyError": "errors",
+    "Tolerance": "tolerances",
+    "ValidationError": "validation",
+    "fuse_for_ort": "onnx_export",
+    "load_model": "preparation",
+    "make_inputs": "shapes",
+    "make_session": "onnx_export",
+    "package_metadata": "aoti_export",
+    "prepare": "preparation",
+    "run_export": "pipeline",
+    "select_providers": "onnx_export",
+    "to_aoti": "aoti_export",
+    "to_onnx": "onnx_export",
+    "to_tensorrt": "tensorrt_export",
+    "to_tensorrt_from_onnx": "tensorrt_export",
+}
+__getattr__, __dir__ = lazy_attributes(__name__, _SOURCES)
+__all__ = sorted(_SOURCES)

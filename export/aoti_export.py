@@ -14,30 +14,17 @@ Out-of-range shapes or ids must be rejected before running: compiled code does n
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tokdrop.export.common import (
-    INPUT_NAMES,
-    TOLERANCES,
-    ExportError,
-    ExportReport,
-    Prepared,
-    Progress,
-    Tolerance,
-    check_output_path,
-    check_ranges,
-    describe_source,
-    export_program,
-    new_report,
-    prepare,
-    publish,
-    staging,
-    validate,
-)
+from tokdrop.export.errors import ExportError
+from tokdrop.export.pipeline import ExportFormat, ExportJob, ExportOptions, export_program, run_export
+from tokdrop.export.preparation import Prepared
+from tokdrop.export.report import ExportReport
+from tokdrop.export.signature import INPUT_NAMES
+from tokdrop.export.validation import Runner
 
 METADATA_VERSION = "1"
 
@@ -61,52 +48,41 @@ def package_metadata(prepared: Prepared, max_batch: int, max_seq_len: int) -> di
     }
 
 
-def to_aoti(
-    model: Any,
-    path: str | os.PathLike,
-    *,
-    head: str | None = None,
-    max_batch: int = 32,
-    max_seq_len: int | None = None,
-    dtype: str = "fp32",
-    validate_export: bool = True,
-    tolerance: Tolerance | None = None,
-    normalize: bool = False,
-    progress: Callable[[str], None] | None = None,
-) -> ExportReport:
+class AotiFormat(ExportFormat):
+    """An AOTInductor package for the CPU, loaded back with aoti_load_package for validation."""
+
+    name = "aoti"
+
+    def check(self, path: Path, options: ExportOptions) -> None:
+        if path.suffix != ".pt2":
+            raise ExportError(f"an AOTInductor package must be named *.pt2, got {path.name!r}")
+
+    def build(self, job: ExportJob, stage: Path) -> None:
+        job.step(f"torch.export with batch 1..{job.max_batch}, sequence 1..{job.max_seq_len}")
+        program = export_program(job)
+        job.step("compiling with AOTInductor (C++ codegen and build; this takes a while)")
+        configs = {"aot_inductor.metadata": package_metadata(job.prepared, job.max_batch, job.max_seq_len)}
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(stage / job.path.name), inductor_configs=configs
+        )
+        job.report.extra["device"] = "cpu"
+        job.report.extra["run from C++"] = f"tokdrop-serve {job.path} < batches.jsonl"
+
+    def load(self, job: ExportJob, stage: Path) -> Runner:
+        job.step("validating the package (aoti_load_package) against PyTorch")
+        return torch._inductor.aoti_load_package(str(stage / job.path.name))
+
+
+def to_aoti(model: Any, path: str | os.PathLike, **options: Any) -> ExportReport:
     """Compile `model` (a tokdrop model or a checkpoint directory) with AOTInductor into a `.pt2`
     package at `path` for the CPU, validate it against the PyTorch model (loaded back with
-    aoti_load_package), then move it into place. dtype: fp32, fp16 or bf16 (LayerNorm and softmax
-    in fp32; outputs float32)."""
-    step = Progress(progress)
-    path = Path(path)
-    if path.suffix != ".pt2":
-        raise ExportError(f"an AOTInductor package must be named *.pt2, got {path.name!r}")
-    step(f"loading the model ({describe_source(model)})")
-    prepared = prepare(model, head, dtype=dtype, normalize=normalize)
-    max_batch, max_seq_len = check_ranges(prepared.config, max_batch, max_seq_len)
-    path = check_output_path(path)
-    report = new_report("aoti", path, prepared, max_batch, max_seq_len)
-    with staging(path) as stage:
-        target = stage / path.name
-        step(f"torch.export with batch 1..{max_batch}, sequence 1..{max_seq_len}")
-        program = export_program(prepared, max_batch, max_seq_len)
-        step("compiling with AOTInductor (C++ codegen and build; this takes a while)")
-        configs = {"aot_inductor.metadata": package_metadata(prepared, max_batch, max_seq_len)}
-        torch._inductor.aoti_compile_and_package(program, package_path=str(target), inductor_configs=configs)
-        if validate_export:
-            step("validating the package (aoti_load_package) against PyTorch")
-            runner = torch._inductor.aoti_load_package(str(target))
-            validate(report, prepared, lambda *xs: runner(*xs), max_batch, max_seq_len, tolerance or TOLERANCES[dtype])
-            del runner
-        else:
-            report.notes.append("validation skipped on request")
-        report.files = publish(stage, [path.name], path)
-    report.extra["device"] = "cpu"
-    report.extra["run from C++"] = f"tokdrop-serve {path} < batches.jsonl"
-    report.seconds = step.elapsed
-    step("done")
-    return report
+    aoti_load_package), then move it into place.
+
+    options: the fields of ExportOptions (head, max_batch, max_seq_len, dtype fp32/fp16/bf16 with
+    LayerNorm and softmax in fp32 and float32 outputs, validate_export, tolerance, normalize,
+    allow_random_head, progress).
+    """
+    return run_export(AotiFormat(), model, path, ExportOptions(**options))
 
 
-__all__ = ["METADATA_VERSION", "package_metadata", "to_aoti"]
+__all__ = ["METADATA_VERSION", "AotiFormat", "package_metadata", "to_aoti"]

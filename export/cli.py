@@ -11,6 +11,9 @@ Heads: encoder (last_hidden_state, pooler_output), classifier (logits), embeddin
 sentence embeddings), narrow-cls (NarrowBERT [CLS]-only classifier, explicit). A model configured
 with token dropping is exported as the full-sequence encoder, with dropping off.
 
+A classifier head is refused on a checkpoint without classifier weights (e.g. a masked-LM
+checkpoint) unless --allow-random-head.
+
 Exit status: 0 exported and validated; 1 validation mismatch (numbers shown); 2 bad input
 (missing/corrupt model, unsupported head, bad ranges, unwritable output, missing package).
 """
@@ -18,19 +21,17 @@ Exit status: 0 exported and validated; 1 validation mismatch (numbers shown); 2 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+from typing import Any
 
-FORMATS = ("onnx", "aoti", "tensorrt")
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the docstring's line breaks and appends each flag's default to its help."""
+from tokdrop.cli import HelpFormatter, add_subcommand, positive_int
+from tokdrop.export.signature import DTYPE_NAMES, FORMATS, HEADS
+from tokdrop.export.tolerances import TOLERANCES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tokdrop.export.common import DTYPES, HEADS
-
     parser.add_argument("--format", required=True, choices=FORMATS, help="what to export to")
     parser.add_argument(
         "--model",
@@ -47,16 +48,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="exported outputs (default: classifier for a sequence-classification checkpoint, else encoder)",
     )
-    parser.add_argument("--max-batch", type=int, default=32, help="largest batch size the export accepts")
+    parser.add_argument(
+        "--allow-random-head",
+        action="store_true",
+        help="export a classifier head even when the checkpoint has no classifier weights (random logits)",
+    )
+    parser.add_argument("--max-batch", type=positive_int, default=32, help="largest batch size the export accepts")
     parser.add_argument(
         "--max-seq-len",
-        type=int,
+        type=positive_int,
         default=None,
         help="longest sequence the export accepts (default: max_position_embeddings)",
     )
     parser.add_argument(
         "--dtype",
-        choices=tuple(DTYPES),
+        choices=DTYPE_NAMES,
         default="fp32",
         help="compute precision (onnx: fp32/fp16; outputs are always float32)",
     )
@@ -81,68 +87,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="torch",
         help="tensorrt: torch-tensorrt dynamo path or TensorRT's ONNX parser",
     )
-    parser.add_argument("--opt-batch", type=int, default=None, help="tensorrt: optimisation-profile batch")
-    parser.add_argument("--opt-seq-len", type=int, default=None, help="tensorrt: optimisation-profile sequence length")
-    parser.add_argument("--atol", type=float, default=None, help="override the validation atol")
-    parser.add_argument("--rtol", type=float, default=None, help="override the validation rtol")
-    parser.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
+    parser.add_argument("--opt-batch", type=positive_int, default=None, help="tensorrt: optimisation-profile batch")
+    parser.add_argument(
+        "--opt-seq-len", type=positive_int, default=None, help="tensorrt: optimisation-profile sequence length"
+    )
+    defaults = "".join(f"\n  {dtype}: {tolerance}" for dtype, tolerance in TOLERANCES.items())
+    tolerance = parser.add_argument_group(
+        "validation",
+        "an output passes where |exported - PyTorch| <= atol + rtol * |PyTorch| + scale_rtol * max|PyTorch|\n"
+        f"(per-token outputs at the real tokens only); defaults by dtype:{defaults}",
+    )
+    tolerance.add_argument("--atol", type=float, default=None, help="override the validation atol")
+    tolerance.add_argument("--rtol", type=float, default=None, help="override the validation rtol")
+    tolerance.add_argument("--scale-rtol", type=float, default=None, help="override the validation scale_rtol")
+    tolerance.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
 
 
-def run(args: argparse.Namespace) -> int:
-    from tokdrop.export import common
-    from tokdrop.export.common import TOLERANCES, ExportError, Tolerance, ValidationError
-
-    progress = None if args.quiet else (lambda message: print(message, flush=True))
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    common.log.addHandler(handler)
-    tolerance = None
-    if args.atol is not None or args.rtol is not None:
-        base = TOLERANCES.get(args.dtype, TOLERANCES["fp32"])
-        tolerance = Tolerance(
-            atol=base.atol if args.atol is None else args.atol, rtol=base.rtol if args.rtol is None else args.rtol
-        )
+def _export(args: argparse.Namespace, progress: Any) -> Any:
+    """Run the export the arguments ask for; returns its report."""
+    overrides = {
+        name: getattr(args, name) for name in ("atol", "rtol", "scale_rtol") if getattr(args, name) is not None
+    }
     options = dict(
         head=args.head,
         max_batch=args.max_batch,
         max_seq_len=args.max_seq_len,
         dtype=args.dtype,
         validate_export=not args.no_validate,
-        tolerance=tolerance,
+        tolerance=dataclasses.replace(TOLERANCES[args.dtype], **overrides) if overrides else None,
         normalize=args.normalize,
+        allow_random_head=args.allow_random_head,
         progress=progress,
     )
+    if args.format == "onnx":
+        from tokdrop.export.onnx_export import to_onnx
+
+        external = {"auto": None, "always": True, "never": False}[args.external_data]
+        providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+        return to_onnx(
+            args.model,
+            args.out,
+            optimize=args.optimize,
+            opset=args.opset,
+            external_data=external,
+            providers=providers,
+            **options,
+        )
+    if args.format == "aoti":
+        from tokdrop.export.aoti_export import to_aoti
+
+        return to_aoti(args.model, args.out, **options)
+    from tokdrop.export.tensorrt_export import to_tensorrt
+
+    return to_tensorrt(
+        args.model, args.out, route=args.trt_route, opt_batch=args.opt_batch, opt_seq_len=args.opt_seq_len, **options
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokdrop.export.errors import ExportError
+    from tokdrop.export.validation import ValidationError
+
+    progress = None if args.quiet else (lambda message: print(message, flush=True))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log = logging.getLogger("tokdrop.export")
+    log.addHandler(handler)
     try:
-        if args.format == "onnx":
-            from tokdrop.export.onnx_export import to_onnx
-
-            external = {"auto": None, "always": True, "never": False}[args.external_data]
-            providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
-            report = to_onnx(
-                args.model,
-                args.out,
-                optimize=args.optimize,
-                opset=args.opset,
-                external_data=external,
-                providers=providers,
-                **options,
-            )
-        elif args.format == "aoti":
-            from tokdrop.export.aoti_export import to_aoti
-
-            report = to_aoti(args.model, args.out, **options)
-        else:
-            from tokdrop.export.tensorrt_export import to_tensorrt
-
-            report = to_tensorrt(
-                args.model,
-                args.out,
-                route=args.trt_route,
-                opt_batch=args.opt_batch,
-                opt_seq_len=args.opt_seq_len,
-                **options,
-            )
+        report = _export(args, progress)
     except ValidationError as err:
         print(err.report.summary(), flush=True)
         print(f"tokdrop export: validation FAILED: {err}", file=sys.stderr)
@@ -151,27 +164,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"tokdrop export: error: {err}", file=sys.stderr)
         return 2
     finally:
-        common.log.removeHandler(handler)
+        log.removeHandler(handler)
     print(report.summary(), flush=True)
     return 0
 
 
 def add_command(subcommands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `export` subcommand to the `tokdrop` command (an entry point, see pyproject.toml)."""
-    parser = subcommands.add_parser(
-        "export",
-        help="export a checkpoint to ONNX / TensorRT / an AOTInductor package, validated",
-        description=__doc__,
-        formatter_class=_HelpFormatter,
-    )
-    add_arguments(parser)
-    parser.set_defaults(run=run)
-    return parser
+    summary = "export a checkpoint to ONNX / TensorRT / an AOTInductor package, validated"
+    return add_subcommand(subcommands, "export", summary, __doc__, add_arguments, run)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m tokdrop.export.cli ...`: the export command on its own."""
-    parser = argparse.ArgumentParser(prog="tokdrop export", description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(prog="tokdrop export", description=__doc__, formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

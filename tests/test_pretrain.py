@@ -786,7 +786,10 @@ def test_two_ranks_with_gloo_match_one_process(shards, tmp_path, parallel):
     assert _pretrain(*argv, "--out", str(single)) == 0
     _torchrun(*argv, "--out", str(ranks), "--batch-size", "2", "--parallel", parallel)
     assert _losses(ranks) == pytest.approx(_losses(single), abs=1e-5, rel=0)
-    one, two = (load_file(out / "model" / "model.safetensors") for out in (single, ranks))
+    one, two = (
+        load_file(out / "model" / "model.safetensors") | load_file(out / "model" / "token_importance.safetensors")
+        for out in (single, ranks)
+    )
     table = "bert.token_importance.table"
     assert torch.allclose(one[table], two[table], atol=1e-5, rtol=0)
     assert all(torch.allclose(one[k], two[k], atol=1e-5, rtol=0) for k in one)

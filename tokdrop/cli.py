@@ -9,6 +9,7 @@ Also the argparse pieces the commands and benchmarks share. This module imports 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import entry_points
 
@@ -31,7 +32,30 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the line breaks of a module docstring used as description; shows each flag's default."""
+    """Keeps the line breaks of a module docstring used as description; shows each flag's default,
+    but for required flags, switches (off unless given) and flags defaulting to None, whose help
+    says what happens without them."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_subcommand(
+    subcommands: argparse._SubParsersAction,
+    name: str,
+    summary: str,
+    description: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    """Add the subcommand `name` (a module's docstring as `description`, its flags from
+    `add_arguments`, `run(args)` doing the work) to the `tokdrop` command."""
+    parser = subcommands.add_parser(name, help=summary, description=description, formatter_class=HelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(run=run)
+    return parser
 
 
 def positive_int(text: str) -> int:
@@ -82,34 +106,23 @@ def add_model_arguments(
     )
 
 
-def add_subcommand(
-    subcommands: argparse._SubParsersAction,
-    name: str,
-    *,
-    help: str,
-    description: str | None,
-    add_arguments: Callable[[argparse.ArgumentParser], None],
-    run: Callable[[argparse.Namespace], int],
-) -> argparse.ArgumentParser:
-    """A subcommand's parser with the shared formatter, its flags, and `run` as what it does."""
-    parser = subcommands.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(run=run)
-    return parser
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser of `tokdrop`. When `argv` starts with a command's name, only that command's
+    module is imported: its parser is the only one needed, and the others may import torch."""
     parser = argparse.ArgumentParser(
         prog="tokdrop", description="Token dropping and NarrowBERT for BERT-style encoders."
     )
     subcommands = parser.add_subparsers(title="commands", dest="command", required=True)
-    for command in sorted(entry_points(group=COMMAND_GROUP), key=lambda ep: ep.name):
+    commands = sorted(entry_points(group=COMMAND_GROUP), key=lambda ep: ep.name)
+    named = [command for command in commands if argv and command.name == argv[0]]
+    for command in named or commands:
         command.load()(subcommands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -55,7 +55,7 @@ def add_command(subcommands: argparse._SubParsersAction) -> None:
     add_subcommand(
         subcommands,
         "demo",
-        help="pretrain a small BERT dense, with token dropping and as NarrowBERT; compare",
+        summary="pretrain a small BERT dense, with token dropping and as NarrowBERT; compare",
         description=__doc__,
         add_arguments=add_arguments,
         run=run,

@@ -1,209 +1,264 @@
-// A small JSON reader for the narrow input format of tokdrop-serve (one JSON object per line,
-// holding arrays of arrays of integers), and a writer for float arrays.
+// Streaming reading of JSON lines for tokdrop-serve (one JSON value per line, read straight from
+// the stream with nothing of it kept but what the caller stores), and a writer for float arrays.
 //
-// It parses the whole JSON grammar except that numbers must be integers in the int64 range
-// (token ids, masks and type ids), nesting is limited (no stack exhaustion on hostile input), and
-// every error is a JsonError with the byte column where it happened. Not a general-purpose library.
+// Hostile input cannot make it use much memory or time: a line may hold at most a given number of
+// bytes (reading stops there), keys and skipped strings are not stored, nesting is limited (no
+// stack exhaustion), numbers must be integers in the int64 range. Every error is a JsonError with
+// the byte column where it happened. Not a general-purpose library.
 #pragma once
 
 #include <charconv>
-#include <limits>
 #include <cstdint>
-#include <map>
-#include <memory>
+#include <istream>
+#include <limits>
 #include <stdexcept>
 #include <string>
-#include <string_view>
-#include <vector>
 
 namespace tokdrop::json {
 
 class JsonError : public std::runtime_error {
  public:
-  JsonError(const std::string& what, size_t column)
+  JsonError(const std::string& what, uint64_t column)
       : std::runtime_error(what + " (at column " + std::to_string(column + 1) + ")") {}
 };
 
-struct Value {
-  enum class Kind { Null, Bool, Integer, String, Array, Object };
-  Kind kind = Kind::Null;
-  bool boolean = false;
-  int64_t integer = 0;
-  std::string string;
-  std::vector<Value> array;
-  std::map<std::string, Value> object;
-
-  static const char* kind_name(Kind kind) {
-    switch (kind) {
-      case Kind::Null: return "null";
-      case Kind::Bool: return "a boolean";
-      case Kind::Integer: return "an integer";
-      case Kind::String: return "a string";
-      case Kind::Array: return "an array";
-      case Kind::Object: return "an object";
-    }
-    return "?";
-  }
+// The line is longer than the reader allows.
+class LineTooLong : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
 };
 
-class Parser {
+enum class Kind { Null, Bool, Integer, String, Array, Object };
+
+inline const char* kind_name(Kind kind) {
+  switch (kind) {
+    case Kind::Null: return "null";
+    case Kind::Bool: return "a boolean";
+    case Kind::Integer: return "an integer";
+    case Kind::String: return "a string";
+    case Kind::Array: return "an array";
+    case Kind::Object: return "an object";
+  }
+  return "?";
+}
+
+// Reads one line of a stream at a time; '\n' (or the end of the stream) ends a line.
+class LineReader {
  public:
   static constexpr int kMaxDepth = 8;
+  static constexpr size_t kMaxStringBytes = 256;
+  static constexpr int kEnd = std::char_traits<char>::eof();
 
-  explicit Parser(std::string_view text) : text_(text) {}
+  LineReader(std::istream& in, uint64_t max_line_bytes) : buffer_(*in.rdbuf()), max_line_bytes_(max_line_bytes) {}
 
-  Value parse_document() {
-    Value value = parse_value(0);
-    skip_space();
-    if (pos_ != text_.size()) fail("unexpected text after the JSON value");
-    return value;
+  // Starts the next line: skips blank lines; false at the end of the stream.
+  bool next_line() {
+    while (true) {
+      column_ = 0;
+      skip_space();
+      int c = buffer_.sgetc();
+      if (c == kEnd) return false;
+      if (c != '\n') return true;
+      buffer_.sbumpc();
+      ++line_;
+    }
   }
 
- private:
-  std::string_view text_;
-  size_t pos_ = 0;
+  // The line being read, counted from 1 (blank lines included).
+  uint64_t line() const { return line_ + 1; }
 
-  [[noreturn]] void fail(const std::string& what) const { throw JsonError(what, pos_); }
-
-  void skip_space() {
-    while (pos_ < text_.size() &&
-           (text_[pos_] == ' ' || text_[pos_] == '\t' || text_[pos_] == '\r' || text_[pos_] == '\n'))
-      ++pos_;
+  // Ends the current line: only spaces may follow the value.
+  void finish_line() {
+    skip_space();
+    int c = buffer_.sgetc();
+    if (c != kEnd && c != '\n') fail("unexpected text after the JSON value");
+    if (c == '\n') buffer_.sbumpc();
+    ++line_;
   }
 
-  char peek() {
+  [[noreturn]] void fail(const std::string& what) const { throw JsonError(what, column_); }
+
+  // The kind of the next value, from its first character (not consumed).
+  Kind peek_kind() {
+    int c = peek();
+    switch (c) {
+      case '{': return Kind::Object;
+      case '[': return Kind::Array;
+      case '"': return Kind::String;
+      case 't': case 'f': return Kind::Bool;
+      case 'n': return Kind::Null;
+      default:
+        if (c == '-' || (c >= '0' && c <= '9')) return Kind::Integer;
+        fail(c == '\n' ? "unexpected end of line" : std::string("unexpected character '") + char(c) + "'");
+    }
+  }
+
+  // The next non-space character of the line, not consumed ('\n' at its end).
+  int peek() {
     skip_space();
-    if (pos_ >= text_.size()) fail("unexpected end of line");
-    return text_[pos_];
+    int c = buffer_.sgetc();
+    return c == kEnd ? '\n' : c;
   }
 
   void expect(char c) {
     if (peek() != c) fail(std::string("expected '") + c + "'");
-    ++pos_;
+    take();
   }
 
-  void literal(std::string_view word) {
-    if (text_.substr(pos_, word.size()) != word) fail("invalid literal");
-    pos_ += word.size();
-  }
-
-  Value parse_value(int depth) {
-    if (depth > kMaxDepth) fail("JSON nested too deeply");
-    char c = peek();
-    Value value;
-    if (c == '{') {
-      value.kind = Value::Kind::Object;
-      ++pos_;
-      if (peek() == '}') {
-        ++pos_;
-        return value;
-      }
-      while (true) {
-        if (peek() != '"') fail("expected a string key");
-        std::string key = parse_string();
-        expect(':');
-        if (value.object.count(key)) fail("duplicate key \"" + key + "\"");
-        value.object.emplace(std::move(key), parse_value(depth + 1));
-        char next = peek();
-        ++pos_;
-        if (next == '}') break;
-        if (next != ',') fail("expected ',' or '}'");
-      }
-    } else if (c == '[') {
-      value.kind = Value::Kind::Array;
-      ++pos_;
-      if (peek() == ']') {
-        ++pos_;
-        return value;
-      }
-      while (true) {
-        value.array.push_back(parse_value(depth + 1));
-        char next = peek();
-        ++pos_;
-        if (next == ']') break;
-        if (next != ',') fail("expected ',' or ']'");
-      }
-    } else if (c == '"') {
-      value.kind = Value::Kind::String;
-      value.string = parse_string();
-    } else if (c == 't') {
-      literal("true");
-      value.kind = Value::Kind::Bool;
-      value.boolean = true;
-    } else if (c == 'f') {
-      literal("false");
-      value.kind = Value::Kind::Bool;
-    } else if (c == 'n') {
-      literal("null");
-    } else if (c == '-' || (c >= '0' && c <= '9')) {
-      value.kind = Value::Kind::Integer;
-      value.integer = parse_integer();
-    } else {
-      fail(std::string("unexpected character '") + c + "'");
+  // After a container's element: true if another follows (consumes ',' or `close`).
+  bool more(char close) {
+    int c = peek();
+    if (c == ',') {
+      take();
+      return true;
     }
-    return value;
+    if (c == close) {
+      take();
+      return false;
+    }
+    fail(std::string("expected ',' or '") + close + "'");
   }
 
-  int64_t parse_integer() {
-    size_t start = pos_;
-    if (text_[pos_] == '-') ++pos_;
-    size_t digits = pos_;
-    while (pos_ < text_.size() && text_[pos_] >= '0' && text_[pos_] <= '9') ++pos_;
-    if (pos_ == digits) fail("invalid number");
-    if (pos_ < text_.size() && (text_[pos_] == '.' || text_[pos_] == 'e' || text_[pos_] == 'E'))
-      fail("numbers must be integers (token ids, mask and type values)");
-    if (text_[digits] == '0' && pos_ - digits > 1) fail("invalid number (leading zero)");
+  // Consumes `open`; true if the container is empty (its `close` consumed too).
+  bool open_empty(char open, char close) {
+    expect(open);
+    if (peek() != close) return false;
+    take();
+    return true;
+  }
+
+  int64_t read_integer() {
+    peek();
+    uint64_t start = column_;
+    std::string digits;  // at most the 20 characters of an int64, checked as they come
+    if (buffer_.sgetc() == '-') digits.push_back(static_cast<char>(take()));
+    while (true) {
+      int c = buffer_.sgetc();
+      if (c < '0' || c > '9') break;
+      if (digits.size() > 20) {
+        column_ = start;
+        fail("integer out of the int64 range");
+      }
+      digits.push_back(static_cast<char>(take()));
+    }
+    size_t first = digits[0] == '-' ? 1 : 0;
+    if (digits.size() == first) fail("invalid number");
+    int c = buffer_.sgetc();
+    if (c == '.' || c == 'e' || c == 'E') fail("numbers must be integers (token ids, mask and type values)");
+    if (digits[first] == '0' && digits.size() - first > 1) fail("invalid number (leading zero)");
     int64_t out = 0;
-    auto [end, err] = std::from_chars(text_.data() + start, text_.data() + pos_, out);
-    if (err != std::errc() || end != text_.data() + pos_) {
-      pos_ = start;
+    auto [end, err] = std::from_chars(digits.data(), digits.data() + digits.size(), out);
+    if (err != std::errc() || end != digits.data() + digits.size()) {
+      column_ = start;
       fail("integer out of the int64 range");
     }
     return out;
   }
 
-  std::string parse_string() {
+  // A string of at most kMaxStringBytes (object keys); longer ones are an error.
+  std::string read_string() { return string_value(true); }
+
+  // Reads past the next value, whatever it is; returns its kind.
+  Kind skip_value(int depth = 0) {
+    if (depth > kMaxDepth) fail("JSON nested too deeply");
+    Kind kind = peek_kind();
+    switch (kind) {
+      case Kind::Object:
+        if (open_empty('{', '}')) break;
+        do {
+          if (peek() != '"') fail("expected a string key");
+          string_value(false);
+          expect(':');
+          skip_value(depth + 1);
+        } while (more('}'));
+        break;
+      case Kind::Array:
+        if (open_empty('[', ']')) break;
+        do skip_value(depth + 1);
+        while (more(']'));
+        break;
+      case Kind::String: string_value(false); break;
+      case Kind::Bool: literal(peek() == 't' ? "true" : "false"); break;
+      case Kind::Null: literal("null"); break;
+      case Kind::Integer: read_integer(); break;
+    }
+    return kind;
+  }
+
+ private:
+  std::streambuf& buffer_;
+  const uint64_t max_line_bytes_;
+  uint64_t line_ = 0;
+  uint64_t column_ = 0;
+
+  int take() {
+    if (column_ >= max_line_bytes_)
+      throw LineTooLong("the line is longer than " + std::to_string(max_line_bytes_) + " bytes");
+    ++column_;
+    return buffer_.sbumpc();
+  }
+
+  void skip_space() {
+    while (true) {
+      int c = buffer_.sgetc();
+      if (c != ' ' && c != '\t' && c != '\r') return;
+      take();
+    }
+  }
+
+  void literal(const char* word) {
+    for (const char* p = word; *p; ++p) {
+      if (buffer_.sgetc() != *p) fail("invalid literal");
+      take();
+    }
+  }
+
+  std::string string_value(bool keep) {
     expect('"');
     std::string out;
     while (true) {
-      if (pos_ >= text_.size()) fail("unterminated string");
-      char c = text_[pos_++];
+      int c = buffer_.sgetc();
+      if (c == kEnd || c == '\n') fail("unterminated string");
+      take();
       if (c == '"') break;
-      if (static_cast<unsigned char>(c) < 0x20) fail("control character in string");
-      if (c != '\\') {
-        out.push_back(c);
-        continue;
-      }
-      if (pos_ >= text_.size()) fail("unterminated string");
-      char e = text_[pos_++];
-      switch (e) {
-        case '"': out.push_back('"'); break;
-        case '\\': out.push_back('\\'); break;
-        case '/': out.push_back('/'); break;
-        case 'b': out.push_back('\b'); break;
-        case 'f': out.push_back('\f'); break;
-        case 'n': out.push_back('\n'); break;
-        case 'r': out.push_back('\r'); break;
-        case 't': out.push_back('\t'); break;
-        case 'u': {
-          // Keys of this format are ASCII; keep \u escapes of ASCII, refuse the rest.
-          if (pos_ + 4 > text_.size()) fail("bad \\u escape");
-          unsigned code = 0;
-          auto [end, err] = std::from_chars(text_.data() + pos_, text_.data() + pos_ + 4, code, 16);
-          if (err != std::errc() || end != text_.data() + pos_ + 4) fail("bad \\u escape");
-          if (code >= 0x80) fail("non-ASCII \\u escape is not supported in keys");
-          out.push_back(static_cast<char>(code));
-          pos_ += 4;
-          break;
+      if (c < 0x20) fail("control character in string");
+      if (c == '\\') {
+        int e = buffer_.sgetc();
+        if (e == kEnd || e == '\n') fail("unterminated string");
+        take();
+        switch (e) {
+          case '"': case '\\': case '/': c = e; break;
+          case 'b': c = '\b'; break;
+          case 'f': c = '\f'; break;
+          case 'n': c = '\n'; break;
+          case 'r': c = '\r'; break;
+          case 't': c = '\t'; break;
+          case 'u': c = unicode_escape(); break;
+          default: fail("bad escape in string");
         }
-        default: fail("bad escape in string");
       }
+      if (!keep) continue;
+      if (out.size() >= kMaxStringBytes) fail("string longer than " + std::to_string(kMaxStringBytes) + " bytes");
+      out.push_back(static_cast<char>(c));
     }
     return out;
   }
-};
 
-inline Value parse(std::string_view line) { return Parser(line).parse_document(); }
+  // Keys of this format are ASCII; keep \u escapes of ASCII, refuse the rest.
+  int unicode_escape() {
+    char hex[4];
+    for (char& h : hex) {
+      int c = buffer_.sgetc();
+      if (c == kEnd || c == '\n') fail("bad \\u escape");
+      h = static_cast<char>(take());
+    }
+    unsigned code = 0;
+    auto [end, err] = std::from_chars(hex, hex + 4, code, 16);
+    if (err != std::errc() || end != hex + 4) fail("bad \\u escape");
+    if (code >= 0x80) fail("non-ASCII \\u escape is not supported in keys");
+    return static_cast<int>(code);
+  }
+};
 
 // Shortest text that reads back as the same float; JSON has no NaN/inf, so they become null.
 inline void append_float(std::string& out, float value) {

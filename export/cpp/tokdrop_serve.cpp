@@ -7,12 +7,15 @@
 //   {"input_ids": [[101, 2023, 102], [101, 102]],           required; rows may differ in length
 //    "attention_mask": [[1, 1, 1], [1, 1, 0]],              optional; then rows must be equal length
 //    "token_type_ids": [[0, 0, 0], [0, 0, 0]]}              optional; default all 0
-// Without attention_mask, ragged rows are right-padded with the model's pad id and masked.
-// Blank lines are skipped. Each output line holds one array per output of the package, keyed by
+// Without attention_mask, ragged rows are right-padded with the model's pad id and masked. Every
+// row needs a real token (no empty rows, no all-zero mask rows). Blank lines are skipped. Each output line holds one array per output of the package, keyed by
 // the output names (e.g. {"last_hidden_state": [[[...]]], "pooler_output": [[...]]}).
 //
 // The batch size, sequence length, ids, mask and type ids are checked against the ranges the
 // package was compiled for (its tokdrop.* metadata) before running: compiled code does not check.
+// Lines are read straight from the stream: nothing past the package's largest batch is stored,
+// and a line longer than such a batch can need is refused once that many bytes are read.
+// --threads takes 1 to 4x the hardware threads.
 // Exit status: 0 ok; 2 bad usage or bad input (message names the line); 3 the package cannot be
 // loaded; 4 running the model failed. Errors never end in a crash.
 #include <ATen/ATen.h>
@@ -21,18 +24,20 @@
 #include <c10/util/Exception.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
+#include <algorithm>
+#include <charconv>
 #include <cstdint>
-#include <cstdio>
 #include <exception>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
-#include <map>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
-#include <unordered_map>
 #include <string>
+#include <thread>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "json_lines.hpp"
@@ -96,66 +101,142 @@ PackageInfo read_info(const std::unordered_map<std::string, std::string>& meta, 
   info.head = get("tokdrop.head");
   if (info.inputs.size() != 3 || info.outputs.empty())
     throw std::runtime_error(path + ": unexpected tokdrop.inputs/outputs metadata");
+  if (info.min_batch < 1 || info.max_batch < info.min_batch || info.min_seq < 1 || info.max_seq < info.min_seq ||
+      info.vocab_size < 1 || info.type_vocab_size < 1 || info.pad_id < 0 || info.pad_id >= info.vocab_size)
+    throw std::runtime_error(path + ": inconsistent tokdrop.* ranges in its metadata");
   return info;
 }
 
-// A JSON array of arrays of integers -> rows.
-std::vector<std::vector<int64_t>> read_rows(const tokdrop::json::Value& value, const std::string& name) {
-  using Kind = tokdrop::json::Value::Kind;
-  if (value.kind != Kind::Array)
-    throw BadInput(name + " must be an array of rows (arrays of integers), got " +
-                   tokdrop::json::Value::kind_name(value.kind));
-  std::vector<std::vector<int64_t>> rows;
-  rows.reserve(value.array.size());
-  for (size_t r = 0; r < value.array.size(); ++r) {
-    const auto& row = value.array[r];
-    if (row.kind != Kind::Array)
-      throw BadInput(name + "[" + std::to_string(r) + "] must be an array of integers, got " +
-                     tokdrop::json::Value::kind_name(row.kind));
-    std::vector<int64_t> out;
-    out.reserve(row.array.size());
-    for (size_t c = 0; c < row.array.size(); ++c) {
-      if (row.array[c].kind != Kind::Integer)
-        throw BadInput(name + "[" + std::to_string(r) + "][" + std::to_string(c) + "] must be an integer, got " +
-                       tokdrop::json::Value::kind_name(row.array[c].kind));
-      out.push_back(row.array[c].integer);
-    }
-    rows.push_back(std::move(out));
+using Rows = std::vector<std::vector<int64_t>>;
+using tokdrop::json::Kind;
+using tokdrop::json::LineReader;
+
+std::string range_text(int64_t low, int64_t high) {
+  return "[" + std::to_string(low) + ", " + std::to_string(high) + "]";
+}
+
+// The longest line a batch within the package's ranges can need: three arrays of max_batch rows
+// of max_seq integers, 24 bytes each (20 digits, a sign, ", "), and room for keys and spaces.
+uint64_t max_line_bytes(const PackageInfo& info) {
+  constexpr uint64_t kLimit = uint64_t{1} << 40;
+  uint64_t row = std::min<uint64_t>(static_cast<uint64_t>(info.max_seq), kLimit) * 24 + 8;
+  uint64_t arrays = 3 * std::min<uint64_t>(static_cast<uint64_t>(info.max_batch), kLimit / row + 1);
+  return std::min(kLimit, arrays * row + 4096);
+}
+
+std::string cell(const std::string& name, size_t row, size_t column) {
+  return name + "[" + std::to_string(row) + "][" + std::to_string(column) + "]";
+}
+
+// `name`'s array of rows of integers. No more than the package's largest batch of rows of its
+// longest sequence is stored: past either, the rest is only counted for the message.
+Rows read_rows(LineReader& reader, const std::string& name, const PackageInfo& info) {
+  const auto max_batch = static_cast<size_t>(info.max_batch);
+  const auto max_seq = static_cast<size_t>(info.max_seq);
+  Kind kind = reader.peek_kind();
+  if (kind != Kind::Array)
+    throw BadInput(name + " must be an array of rows (arrays of integers), got " + kind_name(kind));
+  Rows rows;
+  if (reader.open_empty('[', ']')) return rows;
+  size_t count = 0, length = 0;
+  try {
+    do {
+      const size_t r = count++;
+      Kind row_kind = reader.peek_kind();
+      if (row_kind != Kind::Array)
+        throw BadInput(name + "[" + std::to_string(r) + "] must be an array of integers, got " + kind_name(row_kind));
+      std::vector<int64_t> row;
+      length = 0;
+      if (!reader.open_empty('[', ']')) {
+        do {
+          Kind value_kind = reader.peek_kind();
+          if (value_kind != Kind::Integer)
+            throw BadInput(cell(name, r, length) + " must be an integer, got " + kind_name(value_kind));
+          int64_t value = reader.read_integer();
+          if (r < max_batch && length < max_seq) row.push_back(value);
+          ++length;
+        } while (reader.more(']'));
+      }
+      if (length > max_seq)
+        throw BadInput("sequence length " + std::to_string(length) + " is outside the package's range " +
+                       range_text(info.min_seq, info.max_seq) + " (" + name + "[" + std::to_string(r) + "] has " +
+                       std::to_string(length) + " values)");
+      if (r < max_batch) rows.push_back(std::move(row));
+    } while (reader.more(']'));
+  } catch (const tokdrop::json::LineTooLong& err) {
+    // Say what made the line that long, where it is known.
+    std::string stopped = "; reading stopped: " + std::string(err.what()) + ")";
+    if (length > max_seq)
+      throw BadInput("sequence length of at least " + std::to_string(length) + " is outside the package's range " +
+                     range_text(info.min_seq, info.max_seq) + " (" + name + "[" + std::to_string(count - 1) + "]" +
+                     stopped);
+    if (count > max_batch)
+      throw BadInput("batch size of at least " + std::to_string(count) + " is outside the package's range " +
+                     range_text(info.min_batch, info.max_batch) + " (" + name + stopped);
+    throw;
   }
+  if (count > max_batch)
+    throw BadInput("batch size " + std::to_string(count) + " is outside the package's range " +
+                   range_text(info.min_batch, info.max_batch) + " (" + name + " has " + std::to_string(count) +
+                   " rows)");
   return rows;
+}
+
+struct Fields {
+  Rows ids, mask, types;
+  bool has_ids = false, has_mask = false, has_types = false;
+};
+
+// One line's object, read straight from the stream.
+Fields read_fields(LineReader& reader, const PackageInfo& info) {
+  Kind kind = reader.peek_kind();
+  if (kind != Kind::Object) {
+    reader.skip_value();  // a JSON error in it comes first
+    throw BadInput(std::string("each line must be a JSON object with \"input_ids\", got ") + kind_name(kind));
+  }
+  Fields fields;
+  if (!reader.open_empty('{', '}')) {
+    do {
+      if (reader.peek() != '"') reader.fail("expected a string key");
+      std::string key = reader.read_string();
+      reader.expect(':');
+      auto [rows, seen] = key == "input_ids"        ? std::pair{&fields.ids, &fields.has_ids}
+                          : key == "attention_mask" ? std::pair{&fields.mask, &fields.has_mask}
+                          : key == "token_type_ids" ? std::pair{&fields.types, &fields.has_types}
+                                                    : std::pair<Rows*, bool*>{nullptr, nullptr};
+      if (rows == nullptr)
+        throw BadInput("unknown key \"" + key + "\" (expected input_ids, attention_mask, token_type_ids)");
+      if (*seen) reader.fail("duplicate key \"" + key + "\"");
+      *seen = true;
+      *rows = read_rows(reader, key, info);
+    } while (reader.more('}'));
+  }
+  reader.finish_line();
+  if (!fields.has_ids) throw BadInput("missing \"input_ids\"");
+  return fields;
 }
 
 struct Batch {
   at::Tensor input_ids, attention_mask, token_type_ids;
 };
 
-Batch make_batch(const tokdrop::json::Value& doc, const PackageInfo& info) {
-  using Kind = tokdrop::json::Value::Kind;
-  if (doc.kind != Kind::Object)
-    throw BadInput(std::string("each line must be a JSON object with \"input_ids\", got ") +
-                   tokdrop::json::Value::kind_name(doc.kind));
-  for (const auto& [key, _] : doc.object)
-    if (key != "input_ids" && key != "attention_mask" && key != "token_type_ids")
-      throw BadInput("unknown key \"" + key + "\" (expected input_ids, attention_mask, token_type_ids)");
-  auto ids_it = doc.object.find("input_ids");
-  if (ids_it == doc.object.end()) throw BadInput("missing \"input_ids\"");
-  auto ids = read_rows(ids_it->second, "input_ids");
+// The checks the Python API makes, then the padded tensors.
+Batch make_batch(const Fields& fields, const PackageInfo& info) {
+  const Rows& ids = fields.ids;
+  const Rows& mask = fields.mask;
+  const Rows& types = fields.types;
   const int64_t batch = static_cast<int64_t>(ids.size());
   if (batch < info.min_batch || batch > info.max_batch)
-    throw BadInput("batch size " + std::to_string(batch) + " is outside the package's range [" +
-                   std::to_string(info.min_batch) + ", " + std::to_string(info.max_batch) + "]");
-  auto mask_it = doc.object.find("attention_mask");
-  auto types_it = doc.object.find("token_type_ids");
-  std::vector<std::vector<int64_t>> mask, types;
-  if (mask_it != doc.object.end()) mask = read_rows(mask_it->second, "attention_mask");
-  if (types_it != doc.object.end()) types = read_rows(types_it->second, "token_type_ids");
-
+    throw BadInput("batch size " + std::to_string(batch) + " is outside the package's range " +
+                   range_text(info.min_batch, info.max_batch));
   int64_t seq = 0;
   for (const auto& row : ids) seq = std::max<int64_t>(seq, static_cast<int64_t>(row.size()));
   if (seq < info.min_seq || seq > info.max_seq)
-    throw BadInput("sequence length " + std::to_string(seq) + " is outside the package's range [" +
-                   std::to_string(info.min_seq) + ", " + std::to_string(info.max_seq) + "]");
-  auto same_shape = [&](const std::vector<std::vector<int64_t>>& other, const std::string& name) {
+    throw BadInput("sequence length " + std::to_string(seq) + " is outside the package's range " +
+                   range_text(info.min_seq, info.max_seq));
+  for (size_t r = 0; r < ids.size(); ++r)
+    if (ids[r].empty()) throw BadInput("input_ids[" + std::to_string(r) + "] is empty: every row needs a token");
+  auto same_shape = [&](const Rows& other, const std::string& name) {
     if (other.size() != ids.size())
       throw BadInput(name + " has " + std::to_string(other.size()) + " rows, input_ids has " +
                      std::to_string(ids.size()));
@@ -164,7 +245,7 @@ Batch make_batch(const tokdrop::json::Value& doc, const PackageInfo& info) {
         throw BadInput(name + "[" + std::to_string(r) + "] has " + std::to_string(other[r].size()) +
                        " values, input_ids[" + std::to_string(r) + "] has " + std::to_string(ids[r].size()));
   };
-  if (!mask.empty() || mask_it != doc.object.end()) {
+  if (fields.has_mask) {
     same_shape(mask, "attention_mask");
     for (size_t r = 0; r < ids.size(); ++r)
       if (static_cast<int64_t>(ids[r].size()) != seq)
@@ -172,7 +253,7 @@ Batch make_batch(const tokdrop::json::Value& doc, const PackageInfo& info) {
                        std::to_string(r) + "] has " + std::to_string(ids[r].size()) + ", the longest " +
                        std::to_string(seq));
   }
-  if (!types.empty() || types_it != doc.object.end()) same_shape(types, "token_type_ids");
+  if (fields.has_types) same_shape(types, "token_type_ids");
 
   Batch out;
   auto options = at::TensorOptions().dtype(at::kLong);
@@ -187,25 +268,26 @@ Batch make_batch(const tokdrop::json::Value& doc, const PackageInfo& info) {
     for (int64_t c = 0; c < static_cast<int64_t>(ids[r].size()); ++c) {
       int64_t id = ids[r][c];
       if (id < 0 || id >= info.vocab_size)
-        throw BadInput("input_ids[" + std::to_string(r) + "][" + std::to_string(c) + "] = " + std::to_string(id) +
-                       " is outside the vocabulary [0, " + std::to_string(info.vocab_size) + ")");
+        throw BadInput(cell("input_ids", r, c) + " = " + std::to_string(id) + " is outside the vocabulary [0, " +
+                       std::to_string(info.vocab_size) + ")");
       ids_a[r][c] = id;
-      int64_t m = mask.empty() ? 1 : mask[r][c];
+      int64_t m = fields.has_mask ? mask[r][c] : 1;
       if (m != 0 && m != 1)
-        throw BadInput("attention_mask[" + std::to_string(r) + "][" + std::to_string(c) + "] = " +
-                       std::to_string(m) + "; the mask holds only 0 and 1");
+        throw BadInput(cell("attention_mask", r, c) + " = " + std::to_string(m) + "; the mask holds only 0 and 1");
       if (m == 1 && padding)
         throw BadInput("attention_mask[" + std::to_string(r) + "] is not right-padded (a 1 after a 0)");
       padding = padding || m == 0;
       mask_a[r][c] = m;
-      if (!types.empty()) {
+      if (fields.has_types) {
         int64_t t = types[r][c];
         if (t < 0 || t >= info.type_vocab_size)
-          throw BadInput("token_type_ids[" + std::to_string(r) + "][" + std::to_string(c) + "] = " +
-                         std::to_string(t) + " is outside [0, " + std::to_string(info.type_vocab_size) + ")");
+          throw BadInput(cell("token_type_ids", r, c) + " = " + std::to_string(t) + " is outside [0, " +
+                         std::to_string(info.type_vocab_size) + ")");
         types_a[r][c] = t;
       }
     }
+    if (mask_a[r][0] == 0)
+      throw BadInput("attention_mask[" + std::to_string(r) + "] is all zeros: every row needs a real token");
   }
   return out;
 }
@@ -243,6 +325,24 @@ std::string to_json(const std::vector<at::Tensor>& outputs, const PackageInfo& i
   return out;
 }
 
+// More threads than this only oversubscribe the cores; far more exhaust the OpenMP runtime.
+constexpr int kThreadsPerHardwareThread = 4;
+
+// A whole decimal integer in [1, 4 x hardware threads], or 0 with `error` set.
+int parse_threads(const std::string& text, std::string& error) {
+  const int hardware = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int most = kThreadsPerHardwareThread * hardware;
+  int value = 0;
+  auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (text.empty() || err != std::errc() || end != text.data() + text.size() || value < 1 || value > most) {
+    error = "--threads needs an integer from 1 to " + std::to_string(most) + " (" +
+            std::to_string(kThreadsPerHardwareThread) + " x the " + std::to_string(hardware) +
+            " hardware threads), got '" + text + "'";
+    return 0;
+  }
+  return value;
+}
+
 void usage(std::ostream& os) {
   os << "usage: tokdrop-serve MODEL.pt2 [INPUT.jsonl | -] [--output OUT.jsonl] [--threads N]\n"
         "Runs a tokdrop AOTInductor package on JSON-lines batches of token ids (stdin by default).\n"
@@ -251,6 +351,8 @@ void usage(std::ostream& os) {
 }
 
 int run(int argc, char** argv) {
+  // Input is read a character at a time from the stream buffer: unsynchronised, that is fast.
+  std::ios::sync_with_stdio(false);
   std::vector<std::string> positional;
   std::string output_path;
   int threads = 0;
@@ -266,13 +368,10 @@ int run(int argc, char** argv) {
       }
       std::string value = argv[++i];
       if (arg == "--threads") {
-        try {
-          threads = std::stoi(value);
-        } catch (const std::exception&) {
-          threads = -1;
-        }
-        if (threads < 1) {
-          std::cerr << "tokdrop-serve: --threads needs a positive integer, got " << value << "\n";
+        std::string error;
+        threads = parse_threads(value, error);
+        if (threads == 0) {
+          std::cerr << "tokdrop-serve: " << error << "\n";
           return kExitBadInput;
         }
       } else {
@@ -301,7 +400,11 @@ int run(int argc, char** argv) {
   }
   std::ifstream input_file;
   if (input_path != "-") {
-    input_file.open(input_path);
+    if (std::filesystem::is_directory(input_path, ec)) {
+      std::cerr << "tokdrop-serve: cannot open input " << input_path << ": it is a directory\n";
+      return kExitBadInput;
+    }
+    input_file.open(input_path, std::ios::binary);
     if (!input_file) {
       std::cerr << "tokdrop-serve: cannot open input " << input_path << "\n";
       return kExitBadInput;
@@ -336,16 +439,21 @@ int run(int argc, char** argv) {
   }
 
   c10::InferenceMode guard;
-  std::string line;
-  size_t line_no = 0;
-  while (std::getline(in, line)) {
-    ++line_no;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+  LineReader reader(in, max_line_bytes(info));
+  while (true) {
+    uint64_t line_no = reader.line();
     Batch batch;
     try {
-      batch = make_batch(tokdrop::json::parse(line), info);
+      if (!reader.next_line()) break;
+      line_no = reader.line();
+      batch = make_batch(read_fields(reader, info), info);
     } catch (const tokdrop::json::JsonError& err) {
       std::cerr << "tokdrop-serve: " << input_name << " line " << line_no << ": invalid JSON: " << err.what() << "\n";
+      return kExitBadInput;
+    } catch (const tokdrop::json::LineTooLong& err) {
+      std::cerr << "tokdrop-serve: " << input_name << " line " << line_no << ": " << err.what()
+                << ", more than a batch within the package's ranges (batch size <= " << info.max_batch
+                << ", sequence length <= " << info.max_seq << ") can need\n";
       return kExitBadInput;
     } catch (const BadInput& err) {
       std::cerr << "tokdrop-serve: " << input_name << " line " << line_no << ": " << err.what() << "\n";
@@ -354,6 +462,7 @@ int run(int argc, char** argv) {
     std::vector<at::Tensor> outputs;
     try {
       outputs = loader->run({batch.input_ids, batch.attention_mask, batch.token_type_ids});
+      out << to_json(outputs, info);
     } catch (const c10::Error& err) {
       std::cerr << "tokdrop-serve: line " << line_no << ": running the model failed: "
                 << err.what_without_backtrace() << "\n";
@@ -362,16 +471,11 @@ int run(int argc, char** argv) {
       std::cerr << "tokdrop-serve: line " << line_no << ": running the model failed: " << err.what() << "\n";
       return kExitRun;
     }
-    out << to_json(outputs, info);
     out.flush();
     if (!out) {
       std::cerr << "tokdrop-serve: writing the output failed\n";
       return kExitRun;
     }
-  }
-  if (in.bad()) {
-    std::cerr << "tokdrop-serve: reading " << input_name << " failed\n";
-    return kExitBadInput;
   }
   return kExitOk;
 }
