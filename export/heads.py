@@ -69,8 +69,8 @@ class ClassifierHead(Head):
     output_names = ("logits",)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> tuple[Tensor]:
-        pooled = self.model.bert(input_ids, attention_mask, token_type_ids).pooler_output
-        return (self.model.classifier(pooled).float(),)
+        encoded = self.model.base_model(input_ids, attention_mask, token_type_ids)
+        return (self.model.classify(encoded).float(),)
 
 
 class NarrowClsHead(Head):
@@ -84,8 +84,8 @@ class NarrowClsHead(Head):
 
 
 def make_head(head: str, model: nn.Module, normalize: bool = False) -> Head:
-    """The export module of `head` around `model` (a BertModel for encoder/embedding, a
-    BertForSequenceClassification for classifier/narrow-cls)."""
+    """The export module of `head` around `model` (a BertModel or RobertaModel for
+    encoder/embedding, a sequence classifier of either for classifier/narrow-cls)."""
     if head == "embedding":
         return MeanPoolHead(model, normalize=normalize)
     return {"encoder": EncoderHead, "classifier": ClassifierHead, "narrow-cls": NarrowClsHead}[head](model)

@@ -27,6 +27,7 @@ from tokdrop.export.errors import ExportError
 from tokdrop.export.heads import DTYPES, Head, in_reduced_precision, make_head
 from tokdrop.export.signature import DTYPE_NAMES, HEADS
 from tokdrop.hf_checkpoint import CONFIG_NAME, PYTORCH_NAME, SAFETENSORS_NAME, read_config
+from tokdrop.model import BertModel, MaskedLM, SequenceClassifier
 
 CLASSIFIER_HEADS = ("classifier", "narrow-cls")
 
@@ -63,8 +64,14 @@ def check_dtype(dtype: str, allowed: Sequence[str] = DTYPE_NAMES) -> None:
         raise ExportError(f"unsupported dtype {dtype!r} for this format; expected one of {tuple(allowed)}")
 
 
-def _model_class(head: str) -> type[nn.Module]:
-    return tokdrop.BertForSequenceClassification if head in CLASSIFIER_HEADS else tokdrop.BertModel
+def _model_class(head: str, directory: Path) -> type[nn.Module]:
+    """The class that loads `directory` for `head`: BERT's or RoBERTa's, by config.json's model_type."""
+    try:
+        model_type = json.loads((directory / CONFIG_NAME).read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None  # from_pretrained names the problem
+    family = "Roberta" if model_type == "roberta" else "Bert"
+    return getattr(tokdrop, f"{family}ForSequenceClassification" if head in CLASSIFIER_HEADS else f"{family}Model")
 
 
 def _checkpoint_head(directory: Path) -> str:
@@ -94,13 +101,16 @@ def _describe_token_drop(config: BertConfig) -> str:
     )
 
 
-def _untrained_parts(directory: Path, head: str) -> list[str]:
+def _untrained_parts(directory: Path, head: str, model: nn.Module) -> list[str]:
     """The parts of `head` that the checkpoint holds no weights for (a masked-LM or encoder
     checkpoint has neither a classifier nor, often, a pooler)."""
     stored = _stored_weight_names(directory)
-    parts = {"pooler": any(name.endswith("pooler.dense.weight") for name in stored)}
+    encoder = model.base_model if isinstance(model, SequenceClassifier) else model
+    parts = {}
+    if encoder.pooler is not None:  # RoBERTa's classifier has none
+        parts["pooler"] = any(name.endswith("pooler.dense.weight") for name in stored)
     if head in CLASSIFIER_HEADS:
-        parts["classifier"] = "classifier.weight" in stored
+        parts["classifier"] = any(name.startswith("classifier.") for name in stored)
     return [part for part, present in parts.items() if not present]
 
 
@@ -117,8 +127,9 @@ def load_model(
         raise ExportError(f"model directory {directory} {problem}")
     head = _checkpoint_head(directory) if head is None else head
     check_head(head)
+    model_class = _model_class(head, directory)
     try:
-        config = read_config(directory)
+        config = read_config(directory, model_class.config_class)
     except ValueError as err:
         raise ExportError(f"cannot read the model config: {err}") from err
     notes = [] if config.token_drop is None else [_describe_token_drop(config)]
@@ -130,10 +141,10 @@ def load_model(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            model = _model_class(head).from_pretrained(directory, token_drop=None, random_ltd=None)
+            model = model_class.from_pretrained(directory, token_drop=None, random_ltd=None)
         except (ValueError, TypeError, OSError) as err:
             raise ExportError(f"cannot load the model from {directory}: {err}") from err
-    untrained = _untrained_parts(directory, head)
+    untrained = _untrained_parts(directory, head, model)
     if head in CLASSIFIER_HEADS and untrained:
         what = " and ".join(f"{part} weights" for part in untrained)
         if not allow_random_head:
@@ -155,13 +166,13 @@ def load_model(
 
 def _own_copy(model: nn.Module, head: str | None) -> tuple[nn.Module, str, list[str]]:
     """A float32 CPU copy of a tokdrop model instance (the caller's stays as it is), dropping off."""
-    if not isinstance(model, (tokdrop.BertModel, tokdrop.BertForSequenceClassification, tokdrop.BertForMaskedLM)):
+    if not isinstance(model, (BertModel, SequenceClassifier, MaskedLM)):
         raise ExportError(
-            f"expected a tokdrop BertModel / BertForSequenceClassification / "
-            f"BertForMaskedLM or a checkpoint directory, got {type(model).__name__}"
+            f"expected a tokdrop model (BertModel, RobertaModel, their masked-LM or sequence-classification "
+            f"classes) or a checkpoint directory, got {type(model).__name__}"
         )
     if head is None:
-        head = "classifier" if isinstance(model, tokdrop.BertForSequenceClassification) else "encoder"
+        head = "classifier" if isinstance(model, SequenceClassifier) else "encoder"
     check_head(head)
     notes = [] if model.config.token_drop is None else [_describe_token_drop(model.config)]
     model = copy.deepcopy(model).float().cpu().eval()
@@ -188,10 +199,10 @@ def prepare(
     else:
         model, head, notes = _own_copy(model, head)
     config = model.config
-    if head in ("encoder", "embedding") and not isinstance(model, tokdrop.BertModel):
-        model = model.bert
-    if head in CLASSIFIER_HEADS and not isinstance(model, tokdrop.BertForSequenceClassification):
-        raise ExportError(f"head {head!r} needs a BertForSequenceClassification model, got {type(model).__name__}")
+    if head in ("encoder", "embedding") and not isinstance(model, BertModel):
+        model = model.base_model
+    if head in CLASSIFIER_HEADS and not isinstance(model, SequenceClassifier):
+        raise ExportError(f"head {head!r} needs a sequence-classification model, got {type(model).__name__}")
     if head == "narrow-cls" and config.narrow is None:
         raise ExportError("head 'narrow-cls' needs a NarrowBERT model (config.narrow set)")
     if head == "classifier" and config.narrow is not None:

@@ -15,16 +15,17 @@ from tokdrop.export.signature import BATCH_DIM, INPUT_NAMES, SEQ_DIM
 
 
 def check_ranges(config: BertConfig, max_batch: int, max_seq_len: int | None) -> tuple[int, int]:
-    """Validated (max_batch, max_seq_len); max_seq_len None means max_position_embeddings."""
+    """Validated (max_batch, max_seq_len); max_seq_len None means the longest sequence the position
+    embeddings cover (max_position_embeddings, less RoBERTa's offset)."""
     if max_seq_len is None:
-        max_seq_len = config.max_position_embeddings
+        max_seq_len = config.max_sequence_length
     for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ExportError(f"{name} must be an int >= 1, got {value!r}")
-    if max_seq_len > config.max_position_embeddings:
+    if max_seq_len > config.max_sequence_length:
         raise ExportError(
-            f"max_seq_len={max_seq_len} is above the model's max_position_embeddings="
-            f"{config.max_position_embeddings}: positions past it have no embedding"
+            f"max_seq_len={max_seq_len} is above the {config.max_sequence_length} positions of the model's "
+            f"max_position_embeddings={config.max_position_embeddings}: positions past them have no embedding"
         )
     return max_batch, max_seq_len
 

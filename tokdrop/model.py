@@ -373,7 +373,7 @@ class RobertaLMHead(nn.Module):
         return self.decoder(self.layer_norm(F.gelu(self.dense(hidden))))
 
 
-class _MaskedLM(PretrainedMixin, nn.Module):
+class MaskedLM(PretrainedMixin, nn.Module):
     """Masked-LM pretraining; the head runs only at the predicted positions.
 
     Predicted positions are packed into P slots per row: config.max_predictions_per_seq when set
@@ -498,8 +498,8 @@ def _first_token_kl(dropped: Tensor, full: Tensor) -> Tensor:
     )
 
 
-class BertForMaskedLM(_MaskedLM):
-    __doc__ = _MaskedLM.__doc__
+class BertForMaskedLM(MaskedLM):
+    __doc__ = MaskedLM.__doc__
     config_class = BertConfig
     base_model_prefix = "bert"
     optional_keys = ("cls.",)
@@ -516,8 +516,8 @@ class BertForMaskedLM(_MaskedLM):
         return self.cls.predictions
 
 
-class RobertaForMaskedLM(_MaskedLM):
-    __doc__ = _MaskedLM.__doc__
+class RobertaForMaskedLM(MaskedLM):
+    __doc__ = MaskedLM.__doc__
     config_class = RobertaConfig
     base_model_prefix = "roberta"
     optional_keys = ("lm_head.",)
@@ -547,7 +547,7 @@ class RobertaClassificationHead(nn.Module):
         return self.out_proj(self.dropout(torch.tanh(self.dense(self.dropout(first_token)))))
 
 
-class _SequenceClassification(PretrainedMixin, nn.Module):
+class SequenceClassifier(PretrainedMixin, nn.Module):
     """First-token classification (regression when num_labels == 1). Fine-tuning runs the full
     encoder: token dropping and random-LTD are pretraining modes. In NarrowBERT mode the first token
     is the only query."""
@@ -558,7 +558,8 @@ class _SequenceClassification(PretrainedMixin, nn.Module):
     def base_model(self) -> BertModel:
         return getattr(self, self.base_model_prefix)
 
-    def _logits(self, encoded: BertOutput) -> Tensor:
+    def classify(self, encoded: BertOutput) -> Tensor:
+        """Logits [B, num_labels] of the encoder's output."""
         raise NotImplementedError
 
     def forward(
@@ -581,7 +582,7 @@ class _SequenceClassification(PretrainedMixin, nn.Module):
         encoded = self.base_model.encode(
             input_ids, attention_mask, token_type_ids, query_index=query_index, query_lens=query_lens
         )
-        logits = self._logits(encoded)
+        logits = self.classify(encoded)
         if labels is None:
             return SequenceClassifierOutput(None, logits)
         batch = input_ids.shape[0]
@@ -605,8 +606,8 @@ def _fine_tuning(config: BertConfig) -> BertConfig:
     return dataclasses.replace(config, token_drop=None, random_ltd=None)
 
 
-class BertForSequenceClassification(_SequenceClassification):
-    __doc__ = _SequenceClassification.__doc__
+class BertForSequenceClassification(SequenceClassifier):
+    __doc__ = SequenceClassifier.__doc__
     config_class = BertConfig
     base_model_prefix = "bert"
     optional_keys = ("classifier.", "bert.pooler.")
@@ -621,12 +622,12 @@ class BertForSequenceClassification(_SequenceClassification):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         init_bert_weights(self.classifier, config.initializer_range)
 
-    def _logits(self, encoded: BertOutput) -> Tensor:
+    def classify(self, encoded: BertOutput) -> Tensor:
         return self.classifier(self.dropout(encoded.pooler_output))
 
 
-class RobertaForSequenceClassification(_SequenceClassification):
-    __doc__ = _SequenceClassification.__doc__
+class RobertaForSequenceClassification(SequenceClassifier):
+    __doc__ = SequenceClassifier.__doc__
     config_class = RobertaConfig
     base_model_prefix = "roberta"
     optional_keys = ("classifier.",)
@@ -639,7 +640,7 @@ class RobertaForSequenceClassification(_SequenceClassification):
         self.classifier = RobertaClassificationHead(config)
         self.classifier.apply(lambda module: init_bert_weights(module, config.initializer_range))
 
-    def _logits(self, encoded: BertOutput) -> Tensor:
+    def classify(self, encoded: BertOutput) -> Tensor:
         return self.classifier(encoded.last_hidden_state[:, 0])
 
 
@@ -648,10 +649,12 @@ __all__ = [
     "BertForSequenceClassification",
     "BertModel",
     "BertOutput",
+    "MaskedLM",
     "MaskedLMOutput",
     "RobertaForMaskedLM",
     "RobertaForSequenceClassification",
     "RobertaModel",
+    "SequenceClassifier",
     "SequenceClassifierOutput",
     "check_inputs",
     "check_labels",
