@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ from tokdrop import cli
 from tokdrop.corpus import load_corpus
 from tokdrop.data import train_tokenizer
 from tokdrop.downstream import IS_NEXT, NEXT_SENTENCE, NOT_NEXT, TOPIC, make_tasks
-from tokdrop.finetune import classification_scores
+from tokdrop.finetune import Example, classification_scores, read_examples, resolve_labels
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,27 @@ def test_classification_scores_are_accuracy_and_macro_f1():
     assert scores["accuracy"] == 0.5
     # F1 per class: 0 -> 2/3, 1 -> 2/4, 2 -> 0 (predicted once, never right).
     assert scores["macro_f1"] == pytest.approx((2 / 3 + 0.5 + 0.0) / 3)
+
+
+def test_csv_tsv_and_jsonl_files_give_the_same_examples(tmp_path):
+    rows = [("Sort the list in place.", "It returns None.", "IsNext"), ('A "quoted", comma text.', "Other.", "NotNext")]
+    expected = [Example(text, pair, label) for text, pair, label in rows]
+    for suffix, delimiter in ((".csv", ","), (".tsv", "\t")):
+        with (tmp_path / f"pairs{suffix}").open("w", encoding="utf-8-sig", newline="") as out:  # with a BOM
+            writer = csv.writer(out, delimiter=delimiter)
+            writer.writerow(["label", "text", "text_pair"])
+            writer.writerows((label, text, pair) for text, pair, label in rows)
+    (tmp_path / "pairs.jsonl").write_text(
+        "".join(json.dumps({"text": t, "text_pair": p, "label": label}) + "\n\n" for t, p, label in rows)
+    )
+    for suffix in (".csv", ".tsv", ".jsonl"):
+        assert read_examples(tmp_path / f"pairs{suffix}", "text", "text_pair", "label") == expected
+
+
+def test_labels_follow_the_given_order_else_sorted_with_numbers_by_value(tmp_path):
+    examples = [Example(f"text {label}", None, label) for label in ("10", "2", "1")]
+    assert resolve_labels(None, {"train": (tmp_path, examples)}) == ("1", "2", "10")
+    assert resolve_labels("10,1,2", {"train": (tmp_path, examples)}) == ("10", "1", "2")
 
 
 # --------------------------------------------------------------------------------------------- learning
