@@ -7,8 +7,8 @@ Weak scaling: every process takes --batch-size sequences per step, so 2 processe
 of 1 per step; scaling efficiency = tokens/s(2 processes) / (2 x tokens/s(1 process)). For
 reference, 1 process with 2 threads uses the same 2 cores without data parallelism. Each
 configuration runs --repeats times, alternating, and the best median is kept: CPU machines are
-shared and noisy. The corpus is Python's own documentation (tokdrop.data.load_corpus), tokenised
-once into a shard directory under --workdir.
+shared and noisy. The corpus is the training split of tokdrop.corpus.load_corpus (Python's documentation
+and an English dictionary), tokenised once into a shard directory under --workdir.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from provenance import device_name, git_commit  # perf/ is the script's folder, hence on sys.path
 
 from tokdrop.cli import HelpFormatter, format_table, positive_int
-from tokdrop.data import load_corpus
+from tokdrop.corpus import load_corpus
 from tokdrop.files import write_atomically
 
 REPO = Path(__file__).resolve().parent.parent

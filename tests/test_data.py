@@ -1,21 +1,24 @@
-"""Corpus, WordPiece tokenisation, packing and the masking collator of tokdrop.data."""
+"""WordPiece tokenisation, packing and the masking collator of tokdrop.data."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tokdrop.corpus import load_corpus
 from tokdrop.data import (
     SPECIAL_TOKENS,
     MaskingCollator,
-    load_corpus,
     load_tokenizer,
     num_mlm_predictions,
     pack_sequences,
     special_token_ids,
-    split_paragraphs,
     train_tokenizer,
 )
 from tokdrop.model import IGNORE_INDEX
@@ -26,7 +29,7 @@ VOCAB = 1000
 
 @pytest.fixture(scope="module")
 def corpus():
-    return load_corpus()
+    return load_corpus(sources=("pydoc_topics", "docstrings"))
 
 
 @pytest.fixture(scope="module")
@@ -46,43 +49,6 @@ def packed_rows(n_rows: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     return rows
 
 
-# ---------------------------------------------------------------------------------------------- corpus
-
-
-def test_corpus_is_real_english_split_by_document_without_repeats(corpus):
-    assert sum(map(len, corpus.train)) > 500_000
-    assert sum(map(len, corpus.held_out)) > 50_000
-    assert not set(corpus.train) & set(corpus.held_out)
-    assert len(set(corpus.train)) == len(corpus.train)
-    assert any("assert statement" in p.lower() for p in corpus.train + corpus.held_out)
-
-
-def test_corpus_is_deterministic_and_docstrings_add_to_the_pydoc_topics(corpus):
-    topics_only = load_corpus(include_docstrings=False)
-    assert load_corpus(include_docstrings=False) == topics_only
-    assert set(topics_only.train) < set(corpus.train)
-
-
-def test_split_paragraphs_keeps_prose_and_drops_headings_code_and_tables():
-    text = (
-        "The assert statement\n********************\n\n"
-        "Assert statements are a convenient way to insert\ndebugging assertions into a program.\n\n"
-        "   assert_stmt ::= 'assert' expression\n\n"
-        "+------+------+\n| a    | b    |\n+------+------+\n\n"
-        ">>> print('hello world, this is a doctest line')\n\n"
-        "Too short to count.\n"
-    )
-    assert split_paragraphs(text) == [
-        "Assert statements are a convenient way to insert debugging assertions into a program."
-    ]
-
-
-@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 2])
-def test_corpus_rejects_a_held_out_fraction_outside_the_open_unit_interval(fraction):
-    with pytest.raises(ValueError, match="held_out_fraction"):
-        load_corpus(held_out_fraction=fraction)
-
-
 # ------------------------------------------------------------------------------------------- tokenizer
 
 
@@ -90,6 +56,48 @@ def test_tokenizer_has_bert_special_tokens_first(tokenizer):
     assert [tokenizer.id_to_token(i) for i in range(5)] == list(SPECIAL_TOKENS)
     assert special_token_ids(tokenizer).as_tuple() == (PAD, UNK, CLS, SEP, MASK)
     assert tokenizer.get_vocab_size() == 2000
+
+
+# Trains on the lines of a text file and saves the tokenizer, in a process of its own.
+_TRAIN_TOKENIZER = """
+import sys
+from tokdrop.data import train_tokenizer
+lines = open(sys.argv[1], encoding="utf-8").read().splitlines()
+train_tokenizer(lines, vocab_size=2000).save(sys.argv[2])
+"""
+
+
+def test_tokenizer_training_is_byte_identical_across_processes(tokenizer, corpus, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(corpus.train) + "\n", encoding="utf-8")
+    outputs = [tmp_path / f"tokenizer-{seed}.json" for seed in (1, 2)]
+    # Two fresh interpreters with different hash seeds (the Rust trainer's hash maps are seeded
+    # per process anyway), run side by side.
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TRAIN_TOKENIZER, str(texts), str(output)],
+            env=os.environ | {"PYTHONHASHSEED": str(seed)},
+        )
+        for seed, output in zip((1, 2), outputs, strict=True)
+    ]
+    assert [run.wait(timeout=600) for run in runs] == [0, 0]
+    tokenizer.save(str(tmp_path / "in-process.json"))
+    first = outputs[0].read_bytes()
+    assert first == outputs[1].read_bytes() == (tmp_path / "in-process.json").read_bytes()
+    assert len(first) > 10_000
+
+
+def test_tokenizer_trains_the_same_from_a_one_shot_iterator(tokenizer, corpus):
+    streamed = train_tokenizer((paragraph for paragraph in corpus.train), vocab_size=2000)
+    assert streamed.to_str() == tokenizer.to_str()
+
+
+def test_only_the_bert_special_tokens_are_special(tokenizer):
+    assert sorted(tokenizer.get_added_tokens_decoder()) == [PAD, UNK, CLS, SEP, MASK]
+    # Continuation pieces reserved before training are ordinary vocabulary: they tokenise and decode.
+    encoding = tokenizer.encode("zzzz", add_special_tokens=False)
+    assert encoding.tokens[0] == "z" and all(t.startswith("##") for t in encoding.tokens[1:])
+    assert tokenizer.decode(encoding.ids) == "zzzz"
 
 
 def test_tokenizer_round_trips_real_text(tokenizer, corpus):
@@ -132,6 +140,11 @@ def test_load_tokenizer_rejects_missing_files_and_vocabularies_without_special_t
 def test_train_tokenizer_rejects_a_vocabulary_too_small_for_the_special_tokens(vocab_size):
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(["some text"], vocab_size=vocab_size)
+
+
+def test_train_tokenizer_rejects_a_single_string():
+    with pytest.raises(TypeError, match="not one string"):
+        train_tokenizer("a text, where a list of texts was meant")
 
 
 # --------------------------------------------------------------------------------------------- packing

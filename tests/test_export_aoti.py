@@ -35,7 +35,7 @@ def _english_paragraphs() -> list[str]:
     """Real English prose that ships with Python (the text behind help('if') and friends)."""
     from pydoc_data.topics import topics
 
-    from tokdrop.data import split_paragraphs
+    from tokdrop.corpus import split_paragraphs
 
     return [p for name in sorted(topics)[:60] for p in split_paragraphs(topics[name])]
 
@@ -140,7 +140,7 @@ def test_cpp_runner_matches_pytorch_on_real_text(serve, package, checkpoint, tok
     path, _ = package
     from pydoc_data.topics import topics
 
-    from tokdrop.data import split_paragraphs
+    from tokdrop.corpus import split_paragraphs
 
     # Held out from the tokenizer's training text; long paragraphs are cut at MAX_SEQ tokens.
     texts = [p for name in sorted(topics)[60:80] for p in split_paragraphs(topics[name])][:11]

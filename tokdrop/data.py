@@ -1,19 +1,13 @@
-"""Pretraining data: a real-English corpus that ships with Python, WordPiece tokenisation, packing, masking.
+"""Pretraining data: WordPiece tokenisation, packing into rows, masked-LM masking.
 
-The corpus is the prose of Python's own documentation: the reference topics in ``pydoc_data.topics``
-(the text behind ``help("assert")``) and the docstrings of the standard-library modules. Both ship
-with every CPython install, so the demo runs offline. The text depends on the Python version, but on
-one interpreter everything below is deterministic.
+The text itself comes from `tokdrop.corpus`.
 """
 
 from __future__ import annotations
 
-import ast
 import os
-import re
-import sysconfig
-import zlib
-from collections.abc import Iterable, Iterator, Sequence
+import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,19 +18,7 @@ from torch import Tensor
 from tokdrop.model import IGNORE_INDEX  # label value of positions without a prediction
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-
-_MIN_PARAGRAPH_WORDS = 8
-_MIN_LETTER_FRACTION = 0.7
-_UNDERLINE = re.compile(r"^\s*([*=~^\-#])\1{3,}\s*$")  # reST heading underline: "*****", "====="
-_CODE_MARKERS = (">>>", "::=", "...:")
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """Paragraphs of text, split by document so that no held-out document is seen in training."""
-
-    train: tuple[str, ...]
-    held_out: tuple[str, ...]
+CONTINUATION_PREFIX = "##"
 
 
 @dataclass(frozen=True)
@@ -51,86 +33,6 @@ class SpecialTokenIds:
         return (self.pad, self.unk, self.cls, self.sep, self.mask)
 
 
-# --------------------------------------------------------------------------------------------- corpus
-
-
-def split_paragraphs(text: str) -> list[str]:
-    """Prose paragraphs of reST-like text, each joined onto one line.
-
-    Blocks separated by blank lines are kept when they read as prose: their first line is not
-    indented (indented blocks are code, grammar or literal text), they hold no table or doctest
-    markup, at least ``_MIN_PARAGRAPH_WORDS`` words, and mostly letters.
-    """
-    paragraphs = []
-    for block in re.split(r"\n\s*\n", text):
-        lines = [line for line in block.split("\n") if line.strip() and not _UNDERLINE.match(line)]
-        if not lines or lines[0][:1].isspace():
-            continue
-        if any(line.lstrip()[:1] in "+|" for line in lines) or any(m in block for m in _CODE_MARKERS):
-            continue
-        paragraph = " ".join(line.strip() for line in lines)
-        if _reads_as_prose(paragraph):
-            paragraphs.append(paragraph)
-    return paragraphs
-
-
-def _reads_as_prose(paragraph: str) -> bool:
-    letters = sum(ch.isalpha() or ch == " " for ch in paragraph)
-    return len(paragraph.split()) >= _MIN_PARAGRAPH_WORDS and letters >= _MIN_LETTER_FRACTION * len(paragraph)
-
-
-def _pydoc_topic_documents() -> Iterator[tuple[str, str]]:
-    from pydoc_data.topics import topics
-
-    for name in sorted(topics):
-        yield f"topic:{name}", topics[name]
-
-
-def _stdlib_docstring_documents() -> Iterator[tuple[str, str]]:
-    """One document per top-level standard-library module: all of its docstrings."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.glob("*.py")):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):  # a few test fixtures are deliberately broken
-            continue
-        docstrings = (
-            ast.get_docstring(node)
-            for node in ast.walk(tree)
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-        )
-        yield f"module:{path.stem}", "\n\n".join(doc for doc in docstrings if doc)
-
-
-def load_corpus(held_out_fraction: float = 0.1, include_docstrings: bool = True) -> Corpus:
-    """The Python-documentation corpus, split into train / held-out paragraphs by document, each
-    paragraph once.
-
-    A document goes to held-out when the CRC-32 of its name falls in the lowest
-    ``held_out_fraction`` of the 32-bit range: stable across runs and machines, unlike ``hash()``.
-    """
-    if not 0.0 < held_out_fraction < 1.0:
-        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction!r}")
-    documents = list(_pydoc_topic_documents())
-    if include_docstrings:
-        documents += _stdlib_docstring_documents()
-    train: list[str] = []
-    held_out: list[str] = []
-    seen: set[str] = set()  # the docs repeat some paragraphs; held-out text must be unseen in training
-    for name, text in documents:
-        split = held_out if zlib.crc32(name.encode()) < held_out_fraction * 2**32 else train
-        for paragraph in split_paragraphs(text):
-            if paragraph not in seen:
-                seen.add(paragraph)
-                split.append(paragraph)
-    if not train or not held_out:
-        raise ValueError(
-            f"held_out_fraction={held_out_fraction!r} leaves {len(train)} train and "
-            f"{len(held_out)} held-out paragraphs; both must be non-empty"
-        )
-    return Corpus(train=tuple(train), held_out=tuple(held_out))
-
-
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
@@ -138,7 +40,7 @@ def _set_bert_pipeline(tokenizer: Tokenizer) -> None:
     """Uncased BERT normalisation and pre-tokenisation, WordPiece decoding."""
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=None)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    tokenizer.decoder = decoders.WordPiece(prefix=CONTINUATION_PREFIX)
 
 
 def _set_bert_template(tokenizer: Tokenizer) -> None:
@@ -154,22 +56,53 @@ def _set_bert_template(tokenizer: Tokenizer) -> None:
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
     """Train an uncased BERT-style WordPiece tokenizer; [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
 
-    Training is not bit-reproducible across processes (tokenizers issue #1794: ties between
-    equally frequent merges follow hash-map order), so save the result to reuse a vocabulary.
+    Deterministic: the same texts give a byte-identical ``tokenizer.json`` in every process.
+    tokenizers' trainer numbers the continuation pieces ("##e") in hash-map order as it meets them
+    and breaks ties between equally frequent merges by those numbers (tokenizers issue #1794), so
+    a piece for every character that can continue a word is put into the vocabulary, in sorted
+    order, before training starts. ``texts`` is read once, into a temporary file: the characters
+    must be known before training, and nothing holds the text in memory.
     """
+    if isinstance(texts, str):
+        raise TypeError("texts must be an iterable of strings, not one string")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must be an int > {len(SPECIAL_TOKENS)}, got {vocab_size!r}")
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    pipeline = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    _set_bert_pipeline(pipeline)
+    with tempfile.TemporaryDirectory(prefix="tokdrop-tokenizer-") as scratch:
+        text_file = Path(scratch) / "texts.txt"
+        characters: set[str] = set()
+        with text_file.open("w", encoding="utf-8") as out:
+            for text in texts:
+                characters.update(text)
+                out.write(text + "\n")
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[*SPECIAL_TOKENS, *_continuation_pieces(pipeline, characters)],
+            continuing_subword_prefix=CONTINUATION_PREFIX,
+            show_progress=False,
+        )
+        pipeline.train([str(text_file)], trainer=trainer)
+    # A fresh tokenizer over the trained vocabulary, so that only SPECIAL_TOKENS are special
+    # tokens; the reserved continuation pieces become ordinary entries of the vocabulary.
+    tokenizer = Tokenizer(models.WordPiece(pipeline.get_vocab(with_added_tokens=False), unk_token="[UNK]"))
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     _set_bert_pipeline(tokenizer)
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        continuing_subword_prefix="##",
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
     _set_bert_template(tokenizer)
     return tokenizer
+
+
+def _continuation_pieces(pipeline: Tokenizer, characters: Iterable[str]) -> list[str]:
+    """The pieces "##c", sorted, for each character c that normalising ``characters`` gives and that
+    the pre-tokenizer leaves inside a word."""
+    # BertNormalizer maps each character on its own (no context), so normalising the distinct
+    # characters gives exactly the characters of the normalised text.
+    normalized = {c for raw in characters for c in pipeline.normalizer.normalize_str(raw)}
+    return [
+        CONTINUATION_PREFIX + c
+        for c in sorted(normalized)
+        if [piece for piece, _ in pipeline.pre_tokenizer.pre_tokenize_str("a" + c)] == ["a" + c]
+    ]
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:

@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from tokdrop.cli import add_model_arguments, add_subcommand, format_table, positive_int
 from tokdrop.config import BertConfig, with_mode
+from tokdrop.corpus import load_corpus
 from tokdrop.data import (
     MaskingCollator,
-    load_corpus,
     load_tokenizer,
     pack_sequences,
     special_token_ids,
