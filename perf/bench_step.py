@@ -28,10 +28,11 @@ from provenance import device_name, git_commit  # perf/ is the script's folder, 
 
 from tokdrop.cli import HelpFormatter, add_model_arguments, format_table, positive_int
 from tokdrop.config import BertConfig, with_mode
-from tokdrop.data import MaskingCollator, SpecialTokenIds
+from tokdrop.data import MaskingCollator
 from tokdrop.files import write_atomically
 from tokdrop.flops import training_flops
 from tokdrop.training import build_model, config_from_arguments, make_optimizer, train_step
+from tokdrop.vocabulary import SpecialTokenIds
 
 REPO = Path(__file__).resolve().parent.parent
 SPECIALS = SpecialTokenIds(pad=0, unk=1, cls=2, sep=3, mask=4)

@@ -18,10 +18,10 @@ from tokdrop.data import (
     load_tokenizer,
     num_mlm_predictions,
     pack_sequences,
-    special_token_ids,
     train_tokenizer,
 )
 from tokdrop.model import IGNORE_INDEX
+from tokdrop.vocabulary import special_tokens
 
 PAD, UNK, CLS, SEP, MASK = range(5)
 VOCAB = 1000
@@ -54,7 +54,7 @@ def packed_rows(n_rows: int, seq_len: int, seed: int = 0) -> torch.Tensor:
 
 def test_tokenizer_has_bert_special_tokens_first(tokenizer):
     assert [tokenizer.id_to_token(i) for i in range(5)] == list(SPECIAL_TOKENS)
-    assert special_token_ids(tokenizer).as_tuple() == (PAD, UNK, CLS, SEP, MASK)
+    assert special_tokens(tokenizer).as_tuple() == (PAD, UNK, CLS, SEP, MASK)
     assert tokenizer.get_vocab_size() == 2000
 
 

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import transformers
 
 from tokdrop import cli
 from tokdrop.demo import VARIANTS
@@ -13,6 +14,7 @@ from tokdrop.demo import VARIANTS
 TINY = [
     "--steps", "2", "--seq-len", "32", "--batch-size", "4", "--evals", "1", "--eval-rows", "8",
     "--vocab-size", "500", "--layers", "3", "--hidden", "32", "--heads", "2", "--intermediate", "64",
+    "--train-words", "20000",
 ]  # fmt: skip
 
 
@@ -21,7 +23,7 @@ def test_demo_writes_table_plot_and_results_with_finite_losses(tmp_path, capsys)
     assert cli.main(["demo", *TINY, "--out", str(out)]) == 0
 
     printed = capsys.readouterr().out
-    assert all(name in printed for name in VARIANTS) and "speed-up" in printed
+    assert all(name in printed for name in VARIANTS) and "time to dense's loss" in printed and "unigram" in printed
     assert (out / "table.txt").read_text().splitlines()[0].startswith("variant")
     assert (out / "heldout_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "tokenizer.json").is_file()
@@ -36,6 +38,16 @@ def test_demo_writes_table_plot_and_results_with_finite_losses(tmp_path, capsys)
         assert len(summary["train_losses"]) == 2 and all(map(math.isfinite, summary["train_losses"]))
         assert summary["median_step_s"] > 0 and summary["tokens_per_s"] > 0
     assert results["variants"]["dense"]["speedup_vs_dense"] == 1.0
+    assert 0 < results["unigram_loss"] < math.log(500)
+    for name, summary in results["variants"].items():
+        assert 0 <= summary["held_out_accuracy"] <= 1
+        reached = summary["time_to_dense_loss_s"]
+        assert reached is None or 0 <= reached <= summary["train_seconds"]
+        # The saved models load in transformers and in tokdrop, with their tokenizer beside them.
+        directory = out / "models" / name
+        assert summary["model_dir"] == str(directory) and (directory / "tokenizer.json").is_file()
+        transformers.AutoModelForMaskedLM.from_pretrained(directory)
+    assert results["variants"]["dense"]["time_to_dense_loss_s"] == results["variants"]["dense"]["train_seconds"]
 
 
 def test_demo_help_documents_every_flag(capsys):

@@ -24,13 +24,14 @@ import torch
 from safetensors.torch import load_file
 
 from tokdrop import BertForMaskedLM, pretrain
-from tokdrop.data import SpecialTokenIds, pack_sequences
+from tokdrop.data import pack_sequences
 from tokdrop.pretrain import checkpoints, locks
 from tokdrop.pretrain import shards as shards_module
 from tokdrop.pretrain.modes import consistency_step, kept_length, model_config
 from tokdrop.pretrain.settings import Settings, add_arguments, read_config_file, settings_from_arguments
 from tokdrop.pretrain.shards import ShardSet, build_shards, sources_of, text_files
 from tokdrop.pretrain.stream import MaskedStream, PackedRows, feistel_permutation, rank_batches
+from tokdrop.vocabulary import SpecialTokenIds
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "pretrain_base.toml"

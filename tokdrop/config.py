@@ -158,6 +158,8 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     num_labels: int = 2
+    # Names of the classes (config.json's id2label); None names them LABEL_0, LABEL_1, ...
+    id2label: dict[int, str] | None = None
     classifier_dropout: float | None = None
     # Static number of prediction slots per sequence for the MLM head (BERT's
     # max_predictions_per_seq). None counts them from the labels, which needs a host sync.
@@ -193,6 +195,8 @@ class BertConfig:
         ):
             check_int(name, getattr(self, name), 1)
         check_int("pad_token_id", self.pad_token_id, 0)
+        if self.id2label is not None:
+            self._check_labels()
         if self.pad_token_id >= self.vocab_size:
             raise ValueError(f"pad_token_id={self.pad_token_id} is outside vocab_size={self.vocab_size}")
         if self.attn_backend is not None and self.attn_backend not in backend_names():
@@ -226,6 +230,22 @@ class BertConfig:
         if len(modes) > 1:
             raise ValueError(f"{' and '.join(modes)} are exclusive modes; set at most one")
         self._check_modes()
+
+    def _check_labels(self) -> None:
+        if not isinstance(self.id2label, dict):
+            raise TypeError(f"id2label must be a dict of class id -> name, got {self.id2label!r}")
+        try:
+            names = {int(i): name for i, name in self.id2label.items()}  # config.json's keys are strings
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"id2label keys must be class ids, got {list(self.id2label)}") from err
+        if sorted(names) != list(range(self.num_labels)) or not all(isinstance(n, str) for n in names.values()):
+            raise ValueError(
+                f"id2label must name each of the num_labels={self.num_labels} classes 0..{self.num_labels - 1} "
+                f"with a string, got {self.id2label!r}"
+            )
+        # Hugging Face's default names are no names: one canonical config either way.
+        generic = all(name == f"LABEL_{i}" for i, name in names.items())
+        self.id2label = None if generic else dict(sorted(names.items()))
 
     def _check_modes(self) -> None:
         layers = self.num_hidden_layers
@@ -272,8 +292,9 @@ class BertConfig:
         """The config.json content: Hugging Face's BERT fields plus tokdrop's own."""
         out = dataclasses.asdict(self)
         out.pop("num_labels")
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-        out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        names = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        out["id2label"] = {str(i): name for i, name in names.items()}
+        out["label2id"] = {name: i for i, name in names.items()}
         out["model_type"] = self.model_type
         out["position_embedding_type"] = "absolute"
         return out

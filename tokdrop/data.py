@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,21 +15,10 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from torch import Tensor
 
 from tokdrop.model import IGNORE_INDEX  # label value of positions without a prediction
+from tokdrop.vocabulary import special_tokens
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CONTINUATION_PREFIX = "##"
-
-
-@dataclass(frozen=True)
-class SpecialTokenIds:
-    pad: int
-    unk: int
-    cls: int
-    sep: int
-    mask: int
-
-    def as_tuple(self) -> tuple[int, ...]:
-        return (self.pad, self.unk, self.cls, self.sep, self.mask)
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -45,7 +33,7 @@ def _set_bert_pipeline(tokenizer: Tokenizer) -> None:
 
 def _set_bert_template(tokenizer: Tokenizer) -> None:
     """BERT post-processing: [CLS] A [SEP], and [CLS] A [SEP] B [SEP] with B as segment 1."""
-    ids = special_token_ids(tokenizer)
+    ids = special_tokens(tokenizer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -119,7 +107,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     try:
         if path.suffix == ".json":
             tokenizer = Tokenizer.from_file(str(path))
-            special_token_ids(tokenizer)
+            special_tokens(tokenizer)
         else:
             tokenizer = Tokenizer(models.WordPiece.from_file(str(path), unk_token="[UNK]"))
             _set_bert_pipeline(tokenizer)
@@ -127,14 +115,6 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     except ValueError as err:
         raise ValueError(f"tokenizer {str(path)!r}: {err}") from None
     return tokenizer
-
-
-def special_token_ids(tokenizer: Tokenizer) -> SpecialTokenIds:
-    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
-    missing = [token for token, i in ids.items() if i is None]
-    if missing:
-        raise ValueError(f"the vocabulary lacks the special tokens {missing}")
-    return SpecialTokenIds(*ids.values())
 
 
 # -------------------------------------------------------------------------------------------- packing
@@ -148,7 +128,7 @@ def pack_sequences(tokenizer: Tokenizer, texts: Iterable[str], seq_len: int) -> 
     """
     if not isinstance(seq_len, int) or seq_len < 3:
         raise ValueError(f"seq_len must be an int >= 3 ([CLS], a token, [SEP]), got {seq_len!r}")
-    ids = special_token_ids(tokenizer)
+    ids = special_tokens(tokenizer)
     stream = [i for enc in tokenizer.encode_batch(list(texts), add_special_tokens=False) for i in enc.ids]
     body = seq_len - 2
     n_rows = len(stream) // body
@@ -235,7 +215,7 @@ class MaskingCollator:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer, **kwargs) -> MaskingCollator:
-        ids = special_token_ids(tokenizer)
+        ids = special_tokens(tokenizer)
         return cls(
             vocab_size=tokenizer.get_vocab_size(),
             pad_token_id=ids.pad,

@@ -234,18 +234,11 @@ def classification_scores(predictions: Sequence[int], targets: Sequence[int]) ->
 # ------------------------------------------------------------------------------------------- training
 
 
-def _save_classifier(model, directory: Path, labels: tuple[str, ...], tokenizer_json: str) -> None:
-    """The model in the Hugging Face layout, its config naming the labels, and its tokenizer."""
+def _save_classifier(model, directory: Path, tokenizer_json: str) -> None:
+    """The model in the Hugging Face layout (its config names the labels) and its tokenizer."""
     from tokdrop.files import write_atomically
-    from tokdrop.hf_checkpoint import CONFIG_NAME
 
     model.save_pretrained(directory)
-    # BertConfig knows the number of labels only; the saved config also names them.
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    config["id2label"] = dict(enumerate(labels))
-    config["label2id"] = {label: i for i, label in enumerate(labels)}
-    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    write_atomically(directory / CONFIG_NAME, lambda path: Path(path).write_text(config_text))
     write_atomically(directory / "tokenizer.json", lambda path: Path(path).write_text(tokenizer_json))
 
 
@@ -296,7 +289,9 @@ def run(args: argparse.Namespace) -> int:
         model = BertForSequenceClassification.from_pretrained(
             args.model,
             num_labels=len(labels),
-            token_drop=None,  # a pretraining mode: the saved model is the plain full encoder
+            id2label=dict(enumerate(labels)),
+            token_drop=None,  # pretraining modes: the saved model is the plain full encoder
+            random_ltd=None,
             hidden_dropout_prob=args.dropout,
             attention_probs_dropout_prob=args.dropout,
             classifier_dropout=args.dropout,
@@ -374,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
     model.load_state_dict(best_state)
     evaluated = {name: score(rows) for name, rows in encoded.items() if name != "train"}
     model_dir = args.out / "model"
-    _save_classifier(model, model_dir, labels, tokenizer_json)
+    _save_classifier(model, model_dir, tokenizer_json)
 
     results = {
         "model": str(args.model),

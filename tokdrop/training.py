@@ -87,17 +87,19 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     batch: Mapping[str, Tensor],
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    **forward: Any,
 ) -> StepResult:
     """One timed training step: forward, backward, optimizer (and scheduler) step.
 
-    ``batch`` holds the model's keyword inputs, on the model's device, with ``labels``. The time
-    covers exactly the step, with the device synchronised at both ends.
+    ``batch`` holds the model's keyword inputs, on the model's device, with ``labels``; `forward`
+    are further keywords of the model (e.g. consistency=True). The time covers exactly the step,
+    with the device synchronised at both ends.
     """
     device = batch["input_ids"].device
     _synchronize(device)
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
+    loss = model(**batch, **forward).loss
     loss.backward()
     optimizer.step()
     if scheduler is not None:
@@ -107,19 +109,30 @@ def train_step(
     return StepResult(loss_value, seconds)
 
 
+class EvalResult(NamedTuple):
+    loss: float  # mean masked-LM loss per prediction
+    accuracy: float  # fraction of predictions whose most likely token is the label
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Sequence[Mapping[str, Tensor]]) -> float:
-    """Mean masked-LM loss per prediction over ``batches``, in eval mode (the full encoder runs)."""
+def evaluate(model: nn.Module, batches: Sequence[Mapping[str, Tensor]]) -> EvalResult:
+    """Masked-LM loss and accuracy over the predictions of ``batches``, in eval mode (the full
+    encoder runs)."""
     was_training = model.training
     model.eval()
     try:
-        total_loss, total_predictions = 0.0, 0
+        total_loss, correct, total_predictions = 0.0, 0, 0
         for batch in batches:
-            predictions = int((batch["labels"] != IGNORE_INDEX).sum())
-            total_loss += model(**batch).loss.item() * predictions
+            out = model(**batch)
+            slots = torch.arange(out.positions.shape[1], device=out.positions.device) < out.counts[:, None]
+            targets = torch.where(slots, batch["labels"].gather(1, out.positions), IGNORE_INDEX)
+            predicted = targets != IGNORE_INDEX
+            predictions = int(predicted.sum())
+            total_loss += out.loss.item() * predictions
+            correct += int((out.logits.argmax(-1) == targets)[predicted].sum())
             total_predictions += predictions
     finally:
         model.train(was_training)
     if total_predictions == 0:
         raise ValueError("the evaluation batches hold no predicted positions")
-    return total_loss / total_predictions
+    return EvalResult(total_loss / total_predictions, correct / total_predictions)

@@ -3,9 +3,21 @@ naming ([PAD], [CLS], ...) or RoBERTa's (<pad>, <s>, ...)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from tokdrop.data import SpecialTokenIds
+
+@dataclass(frozen=True)
+class SpecialTokenIds:
+    pad: int
+    unk: int
+    cls: int
+    sep: int
+    mask: int
+
+    def as_tuple(self) -> tuple[int, ...]:
+        return (self.pad, self.unk, self.cls, self.sep, self.mask)
+
 
 # Each role's token in BERT's and in RoBERTa's vocabularies.
 _NAMES = {

@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 
 from tokdrop.config import BertConfig, with_mode
-from tokdrop.data import SpecialTokenIds
 from tokdrop.layers import max_kept
 from tokdrop.model import BertForMaskedLM
 from tokdrop.pretrain.settings import Settings
+from tokdrop.vocabulary import SpecialTokenIds
 
 
 def model_config(settings: Settings, vocab_size: int, specials: SpecialTokenIds, predictions: int) -> BertConfig:

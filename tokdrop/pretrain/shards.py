@@ -35,11 +35,12 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from tokdrop.data import load_tokenizer, special_token_ids, train_tokenizer
+from tokdrop.data import load_tokenizer, train_tokenizer
 from tokdrop.pretrain.disk import free_space
 from tokdrop.pretrain.distributed import on_rank_zero
 from tokdrop.pretrain.locks import shard_directory_lock
 from tokdrop.pretrain.settings import Settings, path_problem
+from tokdrop.vocabulary import special_tokens
 
 MANIFEST = "shards.json"
 FORMAT = "tokdrop-token-shards-2"
@@ -175,7 +176,7 @@ def build_shards(
     if tokenizer is None:
         with _byte_progress(usable, "training tokenizer") as progress:
             tokenizer = train_tokenizer(chain.from_iterable(_line_batches(usable, progress)), vocab_size)
-    special_token_ids(tokenizer)  # a tokenizer without [CLS], [SEP], [MASK]... cannot pack rows
+    special_tokens(tokenizer)  # a tokenizer without [CLS], [SEP], [MASK]... cannot pack rows
     dtype = np.dtype(np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32)
 
     temp = directory.with_name(f".{directory.name}.{secrets.token_hex(4)}.tmp")

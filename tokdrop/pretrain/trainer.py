@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from tokdrop.data import MaskingCollator, special_token_ids
+from tokdrop.data import MaskingCollator
 from tokdrop.model import IGNORE_INDEX, BertForMaskedLM
 from tokdrop.pretrain import distributed
 from tokdrop.pretrain.checkpoints import (
@@ -51,6 +51,7 @@ from tokdrop.pretrain.shards import ShardSet, prepare_shards, require_data
 from tokdrop.pretrain.signals import StopSignals, ignore_stop_signals
 from tokdrop.pretrain.stream import MaskedStream, PackedRows, derive_seed, rank_batches
 from tokdrop.training import build_model, make_optimizer, warmup_linear_decay
+from tokdrop.vocabulary import special_tokens
 
 
 def pretrain(settings: Settings, *, resume: str | None = None, prepare_only: bool = False) -> int:
@@ -110,7 +111,7 @@ class Trainer:
         self.out = Path(settings.out)
         self.root = self.out / CHECKPOINTS
         tokenizer = shards.tokenizer()
-        specials = special_token_ids(tokenizer)
+        specials = special_tokens(tokenizer)
         self.collator = MaskingCollator.from_tokenizer(tokenizer, mlm_probability=settings.mlm_probability)
         self.config = model_config(
             settings, tokenizer.get_vocab_size(), specials, self.collator.num_predictions(settings.seq_len)
