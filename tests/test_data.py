@@ -289,3 +289,13 @@ def test_collator_rejects_bad_settings(overrides, message):
 def test_collator_rejects_bad_batches(batch, error, message):
     with pytest.raises(error, match=message):
         make_collator()(batch)
+
+
+def test_a_checkpoint_tokenizer_loads_without_padding_or_truncation(minilm_dir):
+    """all-MiniLM-L6-v2's tokenizer.json pads and truncates for serving; tokenising a corpus must not."""
+    from tokdrop.data import load_tokenizer
+
+    tokenizer = load_tokenizer(minilm_dir)
+    long, short = "word " * 600, "a b"
+    encodings = tokenizer.encode_batch([long, short], add_special_tokens=False)
+    assert len(encodings[0].ids) == 600 and len(encodings[1].ids) == 2

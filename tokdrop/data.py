@@ -94,7 +94,9 @@ def _continuation_pieces(pipeline: Tokenizer, characters: Iterable[str]) -> list
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """Load a WordPiece tokenizer from a ``tokenizer.json`` or a BERT ``vocab.txt`` (uncased).
+    """Load a WordPiece tokenizer from a ``tokenizer.json`` or a BERT ``vocab.txt`` (uncased), with
+    padding and truncation off whatever the file says (a checkpoint's tokenizer.json often pads and
+    truncates to its serving length, which would put padding into a token stream and cut text).
 
     A directory is searched for ``tokenizer.json`` first, then ``vocab.txt``.
     """
@@ -114,6 +116,8 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
             _set_bert_template(tokenizer)
     except ValueError as err:
         raise ValueError(f"tokenizer {str(path)!r}: {err}") from None
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
     return tokenizer
 
 

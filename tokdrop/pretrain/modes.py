@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from tokdrop.config import BertConfig, with_mode
+from tokdrop.hf_checkpoint import read_config
 from tokdrop.layers import max_kept
 from tokdrop.model import BertForMaskedLM
 from tokdrop.pretrain.settings import Settings
@@ -13,19 +14,31 @@ from tokdrop.vocabulary import SpecialTokenIds
 
 
 def model_config(settings: Settings, vocab_size: int, specials: SpecialTokenIds, predictions: int) -> BertConfig:
-    """The BertConfig of a run: its size, and its mode with the paper's defaults."""
-    base = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=settings.hidden,
-        num_hidden_layers=settings.layers,
-        num_attention_heads=settings.heads,
-        intermediate_size=settings.intermediate,
-        max_position_embeddings=settings.max_position_embeddings,
+    """The BertConfig of a run: its size (or its --init-from checkpoint's config), and its mode with
+    the paper's defaults."""
+    run_fields = dict(
         pad_token_id=specials.pad,
         hidden_dropout_prob=settings.dropout,
         attention_probs_dropout_prob=settings.dropout,
         max_predictions_per_seq=predictions,
     )
+    if settings.init_from is not None:
+        base = read_config(settings.init_from, **run_fields)
+        if base.vocab_size < vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab_size} tokens, more than the vocab_size={base.vocab_size} of the "
+                f"--init-from checkpoint {settings.init_from}"
+            )
+    else:
+        base = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=settings.hidden,
+            num_hidden_layers=settings.layers,
+            num_attention_heads=settings.heads,
+            intermediate_size=settings.intermediate,
+            max_position_embeddings=settings.max_position_embeddings,
+            **run_fields,
+        )
     config = with_mode(
         base,
         settings.mode,

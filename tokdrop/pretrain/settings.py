@@ -51,6 +51,12 @@ class Settings:
 
     # model
     preset: str = _setting("base", "model size", "str", choices=tuple(PRESETS))
+    init_from: str | None = _setting(
+        None,
+        "continue pretraining a Hugging Face BERT checkpoint directory (config.json, weights, tokenizer): its "
+        "sizes replace the preset's, its tokenizer tokenises the data, a missing MLM head starts fresh",
+        "path",
+    )
     layers: int | None = _setting(None, "encoder layers (default: the preset's)", "int", minimum=1)
     hidden: int | None = _setting(None, "hidden size (default: the preset's)", "int", minimum=1)
     heads: int | None = _setting(None, "attention heads (default: the preset's)", "int", minimum=1)
@@ -132,9 +138,15 @@ class Settings:
             for bound, holds, says in _BOUNDS:
                 if meta[bound] is not None and value is not None and not holds(value, meta[bound]):
                     raise ValueError(f"{spec.name} must be {says} {meta[bound]}, got {value!r}")
+        sizes = PRESETS[self.preset] if self.init_from is None else self._checkpoint_sizes()
         for name, field_name in SIZE_FIELDS.items():
             if getattr(self, name) is None:
-                setattr(self, name, PRESETS[self.preset][field_name])
+                setattr(self, name, sizes[field_name])
+            elif self.init_from is not None and getattr(self, name) != sizes[field_name]:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} differs from the {field_name}={sizes[field_name]} of the "
+                    f"--init-from checkpoint {self.init_from}"
+                )
         if self.warmup_steps is None:  # BERT's 10,000 steps, scaled down for shorter runs
             self.warmup_steps = min(10_000, self.steps // 10)
         if self.full_layers is None:  # NarrowBERT's 2, leaving at least one narrow layer
@@ -165,6 +177,27 @@ class Settings:
             start = max_kept(self.seq_len, self.ltd_start)
             if start >= self.seq_len:
                 raise ValueError(f"ltd_start={self.ltd_start!r} keeps all {self.seq_len} tokens from the start")
+
+    def _checkpoint_sizes(self) -> dict[str, Any]:
+        """The sizes in the config.json of --init-from (read without torch), and its tokenizer as
+        the data's unless --tokenizer says otherwise."""
+        import json
+
+        directory = Path(self.init_from)
+        path = directory / "config.json"
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"init_from={self.init_from!r} is not a checkpoint directory: cannot read {path}: {err}"
+            ) from None
+        missing = [f for f in (*SIZE_FIELDS.values(), "max_position_embeddings") if not isinstance(raw.get(f), int)]
+        if missing:
+            raise ValueError(f"{path} lacks the BERT sizes {missing}")
+        if self.tokenizer is None:
+            self.tokenizer = str(directory)
+        self.max_position_embeddings = raw["max_position_embeddings"]
+        return raw
 
 
 SETTINGS = {spec.name: spec for spec in dataclasses.fields(Settings)}

@@ -119,7 +119,7 @@ class Trainer:
         self.rows = PackedRows(shards, settings.seq_len, specials.cls, specials.sep)
         self.global_batch = settings.batch_size * settings.grad_accum * world_size
 
-        self.raw = build_model(self.config, settings.seed, device)  # the same weights on every rank
+        self.raw = self._initial_model()  # the same weights on every rank
         self.model = self.parallel = _parallelize(self.raw, settings.parallel, world_size, device)
         if settings.compile:
             # Each kept length is one graph; let them all stay compiled.
@@ -136,6 +136,20 @@ class Trainer:
         }
         self.step, self.bad_in_row, self.saved_step = 0, 0, None
         self._resume(resume)
+
+    def _initial_model(self) -> BertForMaskedLM:
+        """Fresh weights, or those of --init-from (a head it lacks starts fresh, and the run says so)."""
+        s = self.settings
+        if s.init_from is None:
+            return build_model(self.config, s.seed, self.device)
+        torch.manual_seed(s.seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = BertForMaskedLM.from_pretrained(s.init_from, config=self.config)
+        for warning in caught:
+            self._print(f"--init-from {s.init_from}: {warning.message}")
+        self._print(f"initialised the encoder from {s.init_from}")
+        return model.to(self.device).train()
 
     # -------------------------------------------------------------------------------- resuming
 
