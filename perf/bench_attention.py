@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.15])
     parser.add_argument("--impls", nargs="+", default=None, help="only these implementations")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: perf/results/, smoke: a temp dir)")
+    parser.add_argument(
+        "--deadline", type=float, default=None, help="seconds: start no case after this, and write what was measured"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.batch, args.hidden, args.head_dims, args.seq_lens, args.fractions = 2, 128, [64], [40], [0.5]
@@ -325,7 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     ]  # identical at fraction 1
     if not args.smoke and 64 in args.head_dims:
         grid.append(Case(64, 512, 1.0, "kept", full_lengths=True))  # FA3's published setting
+    started = time.monotonic()
+    not_run = []
     for case in grid:
+        if args.deadline is not None and time.monotonic() - started > args.deadline:
+            not_run.append(asdict(case))
+            continue
         cases.append(run_case(case, args, args.hidden // case.head_dim, time_ms))
         print(f"done: {case}", flush=True)
     print_table(cases)
@@ -349,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "hidden": args.hidden,
         "flops": "fwd = 4*NH*D*sum_b(Lq_b*Lk_b); fwd+bwd = 3.5 x fwd",
         "cases": cases,
+        "not_run_past_the_deadline": not_run,
         "targets": target_checks(cases),
         "query_gather": gather_comparison(cases),
         "fa3_comparison": None

@@ -95,6 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--json", type=Path, default=None, help="results file (default perf/results/bench_train_<device>.json)"
     )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds: build no further variant (and no further length) after this, and write what was measured",
+    )
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
@@ -267,9 +273,14 @@ def time_interleaved(
     results: dict[str, dict[str, object]] = {}
     live: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
     for variant in variants:
+        if args.stop_at is not None and time.monotonic() > args.stop_at:
+            results[variant.name] = {"skipped": "past the --deadline before it was built"}
+            continue
         try:
             model = variant.build()
-            live[variant.name] = (model, optimizer_for(model, device))
+            optimizer = optimizer_for(model, device)
+            step_with_peak(model, optimizer, batch, device)  # compiles, within the deadline's reach
+            live[variant.name] = (model, optimizer)
         except Exception as err:
             results[variant.name] = failure(err, "while building")
             free(device)
@@ -466,7 +477,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{peak['dtype']} matmul peak: {peak['tflops']:.2f} TFLOP/s", file=sys.stderr)
 
     runs: dict[str, dict] = {}
+    args.stop_at = None if args.deadline is None else time.monotonic() + args.deadline
     for seq_len in args.seq_len:
+        if args.stop_at is not None and time.monotonic() > args.stop_at:
+            runs[str(seq_len)] = {"skipped": {"all": "past the --deadline"}, "variants": {}}
+            continue
         # Static prediction slots keep the compiled graphs free of host syncs.
         config = dataclasses.replace(base, max_predictions_per_seq=num_mlm_predictions(seq_len))
         skipped: dict[str, str] = {}

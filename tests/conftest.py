@@ -21,7 +21,10 @@ settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_
 settings.register_profile("dev", max_examples=60, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-RESULTS = pathlib.Path(__file__).resolve().parents[1] / "perf" / "results"
+# Where the GPU tests write their summaries; perf/gpu_suite.py points it at its output folder.
+RESULTS = pathlib.Path(
+    os.environ.get("TOKDROP_GPU_RESULTS") or pathlib.Path(__file__).resolve().parents[1] / "perf" / "results"
+)
 NO_CUDA = "needs a CUDA GPU: real sizes, torch.compile of the Triton ops and CUDA-only backends"
 
 

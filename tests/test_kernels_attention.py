@@ -593,23 +593,27 @@ def test_benchmark_smoke_run(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+# Head dim 64 in every dtype; 128 in the 16-bit ones.
+REAL_HEADS = [(64, dtype) for dtype in DTYPES] + [(128, torch.float16), (128, torch.bfloat16)]
+
+
 @needs_cuda
 @pytest.mark.parametrize("layout", ["padded", "gathered", "packed"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim, dtype", REAL_HEADS)
 @pytest.mark.parametrize("lq, lk", [(128, 128), (512, 512), (256, 512), (154, 1024), (1024, 1024)])
-def test_gpu_real_sizes(gpu_summary, layout, dtype, lq, lk):
-    """B=32, NH=12, D=64; bfloat16 (the training dtype) with attention dropout 0.1."""
+def test_gpu_real_sizes(gpu_summary, layout, head_dim, dtype, lq, lk):
+    """B=32, NH=12, D=64 and 128; bfloat16 (the training dtype) with attention dropout 0.1."""
     c = dict(
         batch=32,
         lq=lq,
         lk=lk,
         heads=12,
-        head_dim=64,
+        head_dim=head_dim,
         dtype=dtype,
         dropout_p=0.1 if dtype == torch.bfloat16 else 0.0,
         seed=lq + lk,
     )
-    with gpu_summary.check(f"real_sizes/{layout}/{dtype}/Lq={lq}/Lk={lk}"):
+    with gpu_summary.check(f"real_sizes/{layout}/D={head_dim}/{dtype}/Lq={lq}/Lk={lk}"):
         if layout == "packed":
             check_packed(c, device="cuda")
         else:
