@@ -1,6 +1,15 @@
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# The tests import the installed tokdrop (site-packages, a wheel, or the editable finder), never the
+# checkout's tokdrop/ folder, which `python -m pytest` puts on sys.path with the current directory:
+# that folder lacks tokdrop.kernels and tokdrop.export, which the install maps from kernels/ and export/.
+# Conftest runs before any test module is imported.
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO]
 
 # Triton kernels run on CPU tensors through the interpreter; it must be chosen before triton loads.
 if not torch.cuda.is_available():

@@ -42,7 +42,9 @@ TINY = [
     "--save-every", "4", "--num-workers", "0",
 ]  # fmt: skip
 # Subprocesses get one thread each: the same arithmetic in every run, and less contention on 2 cores.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+# They run in tmp_path: `python -m` puts the current directory on sys.path, and the checkout's tokdrop/
+# folder would shadow the installed package.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _write_corpus(directory: Path, files: int = 3, lines: int = 300, seed: int = 0) -> Path:
@@ -321,10 +323,10 @@ def test_resume_after_sigkill_is_bitwise(shards, tmp_path):
     ]
     command = [sys.executable, "-m", "tokdrop.pretrain", *argv]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run([*command, "--out", str(whole)], env=ENV, check=True, capture_output=True)
+    subprocess.run([*command, "--out", str(whole)], env=ENV, cwd=tmp_path, check=True, capture_output=True)
 
     process = subprocess.Popen(
-        [*command, "--out", str(killed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*command, "--out", str(killed)], env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 120
     while not (killed / "checkpoints" / "step-00000006").exists() and process.poll() is None:
@@ -335,7 +337,7 @@ def test_resume_after_sigkill_is_bitwise(shards, tmp_path):
     logged = len(_metrics(killed))
     assert 6 <= logged < 40 and not (killed / "model").exists()
 
-    subprocess.run([*command, "--out", str(killed), "--resume"], env=ENV, check=True, capture_output=True)
+    subprocess.run([*command, "--out", str(killed), "--resume"], env=ENV, cwd=tmp_path, check=True, capture_output=True)
     assert _logged(killed) == _logged(whole)  # every step once, the same floats
     assert _weights(killed) == _weights(whole)
 
@@ -447,7 +449,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(shards, tmp_path, m
 # ------------------------------------------------------------------------------------- distributed
 
 
-def _torchrun(*argv: str) -> None:
+def _torchrun(*argv: str, cwd: Path) -> None:
     command = [
         sys.executable,
         "-m",
@@ -459,7 +461,7 @@ def _torchrun(*argv: str) -> None:
         "tokdrop.pretrain",
         *argv,
     ]
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    done = subprocess.run(command, env=ENV, cwd=cwd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -471,7 +473,7 @@ def test_two_ranks_with_gloo_match_one_process(shards, tmp_path, parallel):
     argv = ["--data", str(shards), *TINY, "--steps", "5", "--dropout", "0", "--save-every", "2"]
     single, ranks = tmp_path / "single", tmp_path / parallel
     assert _pretrain(*argv, "--out", str(single)) == 0
-    _torchrun(*argv, "--out", str(ranks), "--batch-size", "2", "--parallel", parallel)
+    _torchrun(*argv, "--out", str(ranks), "--batch-size", "2", "--parallel", parallel, cwd=tmp_path)
     assert _losses(ranks) == pytest.approx(_losses(single), abs=1e-5, rel=0)
     one, two = (load_file(out / "model" / "model.safetensors") for out in (single, ranks))
     table = "bert.token_importance.table"
@@ -482,5 +484,5 @@ def test_two_ranks_with_gloo_match_one_process(shards, tmp_path, parallel):
         shutil.rmtree(ranks / "checkpoints" / "step-00000004")
         shutil.rmtree(ranks / "checkpoints" / "step-00000005")
         whole = _losses(ranks)
-        _torchrun(*argv, "--out", str(ranks), "--batch-size", "2", "--parallel", parallel, "--resume")
+        _torchrun(*argv, "--out", str(ranks), "--batch-size", "2", "--parallel", parallel, "--resume", cwd=tmp_path)
         assert _losses(ranks) == whole
