@@ -32,6 +32,8 @@ from tokdrop.corpus import load_corpus
 from tokdrop.files import write_atomically
 
 REPO = Path(__file__).resolve().parent.parent
+# Run outside the checkout: `python -m` puts the current directory on sys.path, and the checkout's
+# tokdrop/ folder would shadow an installed (non-editable) tokdrop.
 PRETRAIN = [sys.executable, "-m", "tokdrop.pretrain"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
 
@@ -65,7 +67,7 @@ def prepare_shards(workdir: Path) -> Path:
     subprocess.run(
         [*PRETRAIN, "--data", str(corpus), "--vocab-size", "8192", "--out", str(workdir), "--prepare-only"],
         check=True,
-        cwd=REPO,
+        cwd=workdir,
     )
     return workdir / "shards"
 
@@ -73,7 +75,7 @@ def prepare_shards(workdir: Path) -> Path:
 def timed_run(command: list[str], out: Path, threads: int, warmup: int) -> dict:
     """Run one training job and return its per-step tokens/s (global, all processes together)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run([*command, "--out", str(out)], env=env, cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([*command, "--out", str(out)], env=env, cwd=out.parent, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     load_before = os.getloadavg()  # other work on the machine skews CPU figures; recorded with them
     with tempfile.TemporaryDirectory() as temp:
-        workdir = args.workdir or Path(temp)
+        workdir = (args.workdir or Path(temp)).resolve()  # the runs start in it
         workdir.mkdir(parents=True, exist_ok=True)
         shards = prepare_shards(workdir)
         common = [

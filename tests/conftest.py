@@ -1,21 +1,28 @@
-"""Shared test set-up: the Triton interpreter on CPU, hypothesis profiles, and the fixtures and
-markers of the kernel tests."""
+"""Shared test set-up: the installed tokdrop, the Triton interpreter on CPU, hypothesis profiles,
+and the fixtures and markers of the kernel tests."""
 
 import contextlib
 import datetime
 import json
 import os
 import pathlib
+import sys
 
 import pytest
 import torch
+
+# The tests import the installed tokdrop (site-packages, a wheel, or the editable finder), never the
+# checkout's tokdrop/ folder, which `python -m pytest` puts on sys.path with the current directory:
+# that folder lacks tokdrop.kernels and tokdrop.export, which the install maps from kernels/ and export/.
+# Conftest runs before any test module is imported.
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:] = [entry for entry in sys.path if pathlib.Path(entry or ".").resolve() != REPO]
 
 # Triton kernels run on CPU tensors through the interpreter; it must be chosen before triton loads.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
-from interpreter_bounds import checked_memory  # noqa: E402
 
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=60, deadline=None)
@@ -57,6 +64,8 @@ def poisoned_memory():
 @pytest.fixture
 def in_bounds_memory():
     """Under the interpreter, every load and store must stay inside the launch's tensors."""
+    from interpreter_bounds import checked_memory  # imports triton, which a wheel's test venv may lack
+
     from tokdrop.kernels.subset_attention import INTERPRETED
 
     with checked_memory() if INTERPRETED else contextlib.nullcontext():

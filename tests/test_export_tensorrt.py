@@ -45,13 +45,14 @@ def checkpoint(tmp_path_factory) -> Path:
     return directory
 
 
-def test_export_package_imports_without_tensorrt():
+def test_export_package_imports_without_tensorrt(tmp_path):
     code = (
         "import sys; import tokdrop.export as e; "
         "assert 'torch_tensorrt' not in sys.modules and 'tensorrt' not in sys.modules; "
         "assert callable(e.to_tensorrt)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # Outside the checkout, whose tokdrop/ folder would shadow the installed package.
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
 
 

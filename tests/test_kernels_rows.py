@@ -85,7 +85,7 @@ def test_restore_semantics_by_hand():
     assert out.flatten().tolist() == [0.0, 20.0, 2.0, 3.0, 10.0, 5.0]
 
 
-def test_opcheck():
+def test_opcheck(tmp_path):
     """In a fresh process: in full CPU runs of the suite (never alone) the Triton interpreter crashed
     inside opcheck of these ops after other tests had loaded compiled libraries into the process."""
     code = textwrap.dedent("""
@@ -102,8 +102,14 @@ def test_opcheck():
         torch.library.opcheck(rows.restore_tokens_backward_op, (saved.detach(), idx, kept_lens))
     """)
     env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
+    # In tmp_path: the checkout's tokdrop/ folder would shadow the installed package.
     result = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", code, str(Path(__file__).parent)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

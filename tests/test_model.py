@@ -1,6 +1,7 @@
 """Model-level equivalences: token dropping and NarrowBERT against dense and slow references."""
 
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -428,7 +429,10 @@ def test_sctd_is_refused_where_it_does_not_apply():
 # ------------------------------------------------------------------------------------------- unpadding
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa", "triton"])
+NO_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", pytest.param("triton", marks=NO_TRITON)])
 @pytest.mark.parametrize("cls", [tokdrop.BertModel, tokdrop.BertForSequenceClassification])
 def test_unpadded_encoder_matches_the_padded_one(cls, backend):
     """Every layer on the packed real tokens: the same outputs and gradients as the padded path

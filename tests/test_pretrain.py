@@ -41,7 +41,9 @@ TINY = [
     "--save-every", "4", "--num-workers", "0",
 ]  # fmt: skip
 # Subprocesses get one thread each: the same arithmetic in every run, and less contention on 2 cores.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+# They run in tmp_path: `python -m` puts the current directory on sys.path, and the checkout's tokdrop/
+# folder would shadow the installed package.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _write_corpus(directory: Path, files: int = 3, lines: int = 300, seed: int = 0) -> Path:
@@ -196,13 +198,15 @@ def test_help_states_defaults_without_none(capsys):
     assert "--lr LR peak AdamW learning rate (default: 0.0001)" in text
 
 
-def test_help_is_fast_and_loads_no_torch():
+def test_help_is_fast_and_loads_no_torch(tmp_path):
     probe = (
         "import sys, time; start = time.perf_counter(); from tokdrop.cli import main\n"
         "try:\n    main(['pretrain', '--help'])\nexcept SystemExit:\n    pass\n"
         "print(time.perf_counter() - start, 'torch' in sys.modules, file=sys.stderr)"
     )
-    done = subprocess.run([sys.executable, "-c", probe], env=ENV, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=ENV, cwd=tmp_path, capture_output=True, text=True, check=True
+    )
     seconds, loaded = done.stderr.split()
     assert loaded == "False" and float(seconds) < 1.0
 
@@ -383,7 +387,9 @@ def test_a_50_mb_line_is_tokenised_in_bounded_memory(tmp_path, shards):
     )
     argv = ["--data", str(tmp_path / "one-line.txt"), "--tokenizer", str(shards / "tokenizer.json")]
     argv += ["--out", str(tmp_path / "out"), "--prepare-only"]
-    done = subprocess.run([sys.executable, "-c", probe, *argv], env=ENV, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *argv], env=ENV, cwd=tmp_path, capture_output=True, text=True, check=True
+    )
     status, peak_bytes = map(int, done.stderr.split()[-2:])
     assert status == 0 and ShardSet(tmp_path / "out" / "shards").total_tokens > 10_000_000
     # Python, torch and the tokenizer take about 0.5 GiB; the whole line at once took 11 GiB.
@@ -480,10 +486,10 @@ def test_resume_after_sigkill_is_bitwise(shards, tmp_path):
     ]
     command = [sys.executable, "-m", "tokdrop.pretrain", *argv]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run([*command, "--out", str(whole)], env=ENV, check=True, capture_output=True)
+    subprocess.run([*command, "--out", str(whole)], env=ENV, cwd=tmp_path, check=True, capture_output=True)
 
     process = subprocess.Popen(
-        [*command, "--out", str(killed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*command, "--out", str(killed)], env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 120
     while not (killed / "checkpoints" / "step-00000006").exists() and process.poll() is None:
@@ -494,7 +500,7 @@ def test_resume_after_sigkill_is_bitwise(shards, tmp_path):
     logged = len(_metrics(killed))
     assert 6 <= logged < 40 and not (killed / "model").exists()
 
-    subprocess.run([*command, "--out", str(killed), "--resume"], env=ENV, check=True, capture_output=True)
+    subprocess.run([*command, "--out", str(killed), "--resume"], env=ENV, cwd=tmp_path, check=True, capture_output=True)
     assert _logged(killed) == _logged(whole)  # every step once, the same floats
     assert _weights(killed) == _weights(whole)
 
@@ -563,7 +569,11 @@ def test_a_kill_before_the_first_checkpoint_then_resume_logs_each_step_once(shar
     out = tmp_path / "run"
     argv = ["--data", str(shards), "--out", str(out), *TINY, "--steps", "30", "--save-every", "30"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "tokdrop.pretrain", *argv], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "tokdrop.pretrain", *argv],
+        env=ENV,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 3, process)
     process.send_signal(signal.SIGKILL)
@@ -588,7 +598,11 @@ def test_a_second_run_on_one_out_is_refused(shards, tmp_path):
     out = tmp_path / "run"
     argv = ["--data", str(shards), "--out", str(out), *TINY, "--steps", "100000", "--save-every", "100000"]
     first = subprocess.Popen(
-        [sys.executable, "-m", "tokdrop.pretrain", *argv], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "tokdrop.pretrain", *argv],
+        env=ENV,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 1, first)
@@ -613,7 +627,7 @@ def test_a_second_run_building_one_shard_directory_is_refused(shards, tmp_path):
     ]
     argv += ["--shard-dir", str(shard_dir), "--prepare-only"]
     command = [sys.executable, "-m", "tokdrop.pretrain", *argv, "--out", str(tmp_path / "first")]
-    first = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(command, env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lock_file = tmp_path / ".shared.lock"  # read, never locked here: that could make the first run fail
     _wait_for(lambda: lock_file.is_file() and lock_file.read_text().startswith(f"{first.pid} on "), first)
     with pytest.raises(ValueError, match=rf"shard directory {re.escape(str(shard_dir))} is in use by another run"):
@@ -766,9 +780,9 @@ def test_a_full_disk_while_tokenising_names_the_shard_directory(tmp_path, small_
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
-def _torchrun(*argv: str) -> None:
+def _torchrun(*argv: str, cwd: Path) -> None:
     command = [*TORCHRUN, "-m", "tokdrop.pretrain", *argv]
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    done = subprocess.run(command, env=ENV, cwd=cwd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -780,7 +794,7 @@ def test_two_ranks_with_gloo_match_one_process(shards, tmp_path, parallel):
     argv = ["--data", str(shards), *TINY, "--steps", "5", "--dropout", "0", "--save-every", "2"]
     single, ranks = tmp_path / "single", tmp_path / parallel
     assert _pretrain(*argv, "--out", str(single)) == 0
-    _torchrun(*argv, "--out", str(ranks), "--batch-size", "2", "--parallel", parallel)
+    _torchrun(*argv, "--out", str(ranks), "--batch-size", "2", "--parallel", parallel, cwd=tmp_path)
     assert _losses(ranks) == pytest.approx(_losses(single), abs=1e-5, rel=0)
     one, two = (
         load_file(out / "model" / "model.safetensors") | load_file(out / "model" / "token_importance.safetensors")
@@ -794,7 +808,7 @@ def test_two_ranks_with_gloo_match_one_process(shards, tmp_path, parallel):
         shutil.rmtree(ranks / "checkpoints" / "step-00000004")
         shutil.rmtree(ranks / "checkpoints" / "step-00000005")
         whole = _losses(ranks)
-        _torchrun(*argv, "--out", str(ranks), "--batch-size", "2", "--parallel", parallel, "--resume")
+        _torchrun(*argv, "--out", str(ranks), "--batch-size", "2", "--parallel", parallel, "--resume", cwd=tmp_path)
         assert _losses(ranks) == whole
 
 
@@ -823,7 +837,9 @@ def test_a_stopped_rank_is_named_instead_of_hanging_the_job(shards, tmp_path):
     out, log = tmp_path / "run", tmp_path / "stderr.txt"
     command = [*TORCHRUN, "--max-restarts", "0", "-m", "tokdrop.pretrain", "--data", str(shards), "--out", str(out)]
     with log.open("w") as stderr:
-        job = subprocess.Popen([*command, *TINY, *ENDLESS], env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+        job = subprocess.Popen(
+            [*command, *TINY, *ENDLESS], env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr
+        )
     ranks = {}
     try:
         _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 2, job)
@@ -855,7 +871,9 @@ def test_a_killed_rank_is_named(shards, tmp_path):
     for rank in (0, 1):
         with (tmp_path / f"rank{rank}.txt").open("w") as stderr:
             environment = {**job, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            ranks.append(subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=stderr))
+            ranks.append(
+                subprocess.Popen(command, env=environment, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr)
+            )
     try:
         _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 2, ranks[0])
         ranks[1].kill()
