@@ -1,7 +1,9 @@
 """Time masked-LM training steps (forward + backward + AdamW step) side by side in one run:
 Hugging Face transformers BertForMaskedLM (sdpa); tokdrop dense with the full last layer
 (`dense_full_last`) and with the last layer at the predicted positions only (`dense`, the default);
-token dropping, NarrowBERT and random-LTD, each with the last-layer subset on.
+token dropping, NarrowBERT and random-LTD, each with the last-layer subset on; and tokdrop's
+RoBERTa, dense (`roberta`) and with token dropping (`roberta_token_drop`), at the same sizes with
+RoBERTa's special ids (padding id 1, positions offset by 2, one token type).
 
     python perf/bench_step.py --device cpu --json perf/results/bench_step_cpu.json
 
@@ -27,7 +29,7 @@ import transformers
 from provenance import device_name, git_commit  # perf/ is the script's folder, hence on sys.path
 
 from tokdrop.cli import HelpFormatter, add_model_arguments, format_table, positive_int
-from tokdrop.config import BertConfig, with_mode
+from tokdrop.config import BertConfig, RobertaConfig, with_mode
 from tokdrop.data import MaskingCollator
 from tokdrop.files import write_atomically
 from tokdrop.flops import training_flops
@@ -36,7 +38,12 @@ from tokdrop.vocabulary import SpecialTokenIds
 
 REPO = Path(__file__).resolve().parent.parent
 SPECIALS = SpecialTokenIds(pad=0, unk=1, cls=2, sep=3, mask=4)
-VARIANTS = ("transformers", "dense_full_last", "dense", "token_drop", "narrow", "random_ltd")
+# RoBERTa's order (<s>, <pad>, </s>, <unk>) with <mask> on the same id as BERT's [MASK]: the batches
+# of the two families then differ only in the ids of their first and last tokens.
+ROBERTA_SPECIALS = SpecialTokenIds(pad=1, unk=3, cls=0, sep=2, mask=4)
+BERT_MODES = ("dense", "token_drop", "narrow", "random_ltd")
+ROBERTA_MODES = {"roberta": "dense", "roberta_token_drop": "token_drop"}
+VARIANTS = ("transformers", "dense_full_last", *BERT_MODES, *ROBERTA_MODES)
 
 
 def ratio_targets(layers: int) -> tuple[tuple[str, str, float | None], ...]:
@@ -44,6 +51,7 @@ def ratio_targets(layers: int) -> tuple[tuple[str, str, float | None], ...]:
     (None: reported only). The last-layer subset should save at least 0.6 of one layer's cost."""
     return (
         ("token_drop", "dense", 0.80),
+        ("roberta_token_drop", "roberta", 0.80),
         ("narrow", "dense", 0.55),
         ("random_ltd", "dense", None),
         ("dense", "dense_full_last", 1 - 0.6 / layers),
@@ -83,17 +91,23 @@ def transformers_model(config: BertConfig, seed: int, device: str) -> torch.nn.M
     return transformers.BertForMaskedLM(hf_config).to(device).train()
 
 
-def random_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """Full rows [CLS] w ... w [SEP] of random ids, masked with exactly `--predictions` per row."""
+def allow_ids(specials: SpecialTokenIds) -> tuple[int, ...]:
+    """The ids token dropping always keeps: [CLS], [SEP], [MASK] and [UNK] (or RoBERTa's)."""
+    return (specials.cls, specials.sep, specials.mask, specials.unk)
+
+
+def random_batch(args: argparse.Namespace, specials: SpecialTokenIds = SPECIALS) -> dict[str, torch.Tensor]:
+    """Full rows [CLS] w ... w [SEP] (RoBERTa: <s> w ... w </s>) of random ids, masked with exactly
+    `--predictions` per row; the same words and masked positions for either family's `specials`."""
     generator = torch.Generator().manual_seed(args.seed)
-    first_word_id = max(SPECIALS.as_tuple()) + 1
+    first_word_id = max(specials.as_tuple()) + 1
     rows = torch.randint(first_word_id, args.vocab_size, (args.batch_size, args.seq_len), generator=generator)
-    rows[:, 0], rows[:, -1] = SPECIALS.cls, SPECIALS.sep
+    rows[:, 0], rows[:, -1] = specials.cls, specials.sep
     collator = MaskingCollator(
         vocab_size=args.vocab_size,
-        pad_token_id=SPECIALS.pad,
-        mask_token_id=SPECIALS.mask,
-        special_token_ids=SPECIALS.as_tuple(),
+        pad_token_id=specials.pad,
+        mask_token_id=specials.mask,
+        special_token_ids=specials.as_tuple(),
         predictions_per_seq=args.predictions,
         seed=args.seed,
     )
@@ -110,22 +124,32 @@ def main(argv: list[str] | None = None) -> dict:
         max_predictions_per_seq=args.predictions,
         pad_token_id=SPECIALS.pad,
     )
-    allow_ids = (SPECIALS.cls, SPECIALS.sep, SPECIALS.mask, SPECIALS.unk)
+    roberta_base = config_from_arguments(
+        args,
+        vocab_size=args.vocab_size,
+        seq_len=args.seq_len,
+        max_predictions_per_seq=args.predictions,
+        pad_token_id=ROBERTA_SPECIALS.pad,
+        config_class=RobertaConfig,
+    )
+    modes = dict(keep=args.keep, full_layers=args.full_layers)
     configs = {"dense_full_last": dataclasses.replace(base, last_layer_subset=False)}
+    configs |= {name: with_mode(base, name, **modes, allow_ids=allow_ids(SPECIALS)) for name in BERT_MODES}
     configs |= {
-        name: with_mode(base, name, keep=args.keep, full_layers=args.full_layers, allow_ids=allow_ids)
-        for name in VARIANTS[2:]
+        name: with_mode(roberta_base, mode, **modes, allow_ids=allow_ids(ROBERTA_SPECIALS))
+        for name, mode in ROBERTA_MODES.items()
     }
     models = {"transformers": transformers_model(base, args.seed, args.device)}
     models |= {name: build_model(config, args.seed, device) for name, config in configs.items()}
     optimizers = {name: make_optimizer(model, lr=1e-4) for name, model in models.items()}
-    batch = random_batch(args)
+    bert_batch, roberta_batch = random_batch(args), random_batch(args, ROBERTA_SPECIALS)
+    batches = {name: roberta_batch if name in ROBERTA_MODES else bert_batch for name in VARIANTS}
 
     step_seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for rep in range(args.warmup + args.reps):
         shift = rep % len(VARIANTS)
         for name in VARIANTS[shift:] + VARIANTS[:shift]:
-            seconds = train_step(models[name], optimizers[name], batch).seconds
+            seconds = train_step(models[name], optimizers[name], batches[name]).seconds
             if rep >= args.warmup:
                 step_seconds[name].append(seconds)
         print(

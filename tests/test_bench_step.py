@@ -1,4 +1,5 @@
-"""perf/bench_step.py with tiny settings: it runs every variant and writes the promised JSON."""
+"""perf/bench_step.py with tiny settings: it runs every variant (BERT's and RoBERTa's) and writes the
+promised JSON."""
 
 from __future__ import annotations
 
@@ -31,15 +32,20 @@ def test_bench_writes_medians_ratios_and_provenance(bench, tmp_path, capsys):
     results = json.loads(out.read_text())
 
     assert set(results["median_step_s"]) == {
-        "transformers", "dense_full_last", "dense", "token_drop", "narrow", "random_ltd"
+        "transformers", "dense_full_last", "dense", "token_drop", "narrow", "random_ltd", "roberta",
+        "roberta_token_drop",
     }  # fmt: skip
     assert all(len(times) == 2 for times in results["step_s"].values())
-    assert all(s > 0 for s in results["median_step_s"].values())
+    assert all(math.isfinite(s) and s > 0 for s in results["median_step_s"].values())
     assert all(results["min_step_s"][name] <= s for name, s in results["median_step_s"].items())
     assert set(results["ratios"]) == {
-        "token_drop/dense", "narrow/dense", "random_ltd/dense", "dense/dense_full_last", "dense/transformers"
+        "token_drop/dense", "roberta_token_drop/roberta", "narrow/dense", "random_ltd/dense",
+        "dense/dense_full_last", "dense/transformers",
     }  # fmt: skip
     assert results["ratios"]["dense/dense_full_last"]["target"] == pytest.approx(1 - 0.6 / 4)
+    roberta, bert = results["ratios"]["roberta_token_drop/roberta"], results["ratios"]["token_drop/dense"]
+    assert roberta["target"] == bert["target"]
+    assert roberta["flop_model"] == pytest.approx(bert["flop_model"])  # the same sizes, the same FLOPs
     for ratio in results["ratios"].values():
         assert math.isfinite(ratio["measured"]) and math.isfinite(ratio["measured_fastest"])
         assert 0 < ratio["flop_model"] < 1
@@ -49,6 +55,29 @@ def test_bench_writes_medians_ratios_and_provenance(bench, tmp_path, capsys):
     assert results["arguments"]["predictions"] == 5
     printed = capsys.readouterr().out
     assert "token_drop/dense" in printed and "FLOP model" in printed
+    assert "roberta_token_drop/roberta" in printed
+
+
+def test_roberta_variants_are_roberta_models_on_roberta_batches(bench):
+    """RoBERTa's rows train RobertaForMaskedLM on batches with its special ids: padding id 1 (never
+    in a full row), <s> and </s> at the ends, position embeddings for --seq-len tokens after the
+    offset of 2; the words and masked positions are those of the BERT batch."""
+    from tokdrop.config import RobertaConfig
+    from tokdrop.model import RobertaForMaskedLM
+    from tokdrop.training import build_model, config_from_arguments
+
+    args = bench.parse_args(["--device", "cpu", "--vocab-size", "200", "--seq-len", "16", "--predictions", "3"])
+    config = config_from_arguments(
+        args, vocab_size=200, seq_len=16, max_predictions_per_seq=3, pad_token_id=1, config_class=RobertaConfig
+    )
+    assert isinstance(config, RobertaConfig) and config.max_position_embeddings == 18
+    assert config.max_sequence_length == 16 and config.type_vocab_size == 1
+    assert isinstance(build_model(config, seed=0), RobertaForMaskedLM)
+    bert, roberta = bench.random_batch(args), bench.random_batch(args, bench.ROBERTA_SPECIALS)
+    assert (roberta["input_ids"][:, 0] == 0).all() and (roberta["input_ids"][:, -1] == 2).all()
+    assert (roberta["attention_mask"] == 1).all() and (roberta["token_type_ids"] == 0).all()
+    assert (roberta["labels"] == bert["labels"]).all()
+    assert (roberta["input_ids"][:, 1:-1] == bert["input_ids"][:, 1:-1]).all()
 
 
 def test_flop_model_ratios_of_the_default_config(bench):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tokdrop
-from tokdrop.export import TOLERANCES, ExportError, prepare, to_aoti
+from tokdrop.export import TOLERANCES, ExportError, make_inputs, prepare, to_aoti
 from tokdrop.export.heads import Fp32LayerNorm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,18 +47,21 @@ def tokenizer():
     return train_tokenizer(_english_paragraphs(), vocab_size=TINY.vocab_size)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer) -> Path:
-    config = dataclasses.replace(TINY, vocab_size=tokenizer.get_vocab_size())
-    torch.manual_seed(0)
-    model = tokdrop.BertModel(config)
+def _saved(model: torch.nn.Module, directory: Path) -> Path:
+    """`model` with random weights everywhere (fresh LayerNorms and biases are all 1 and 0), saved."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    directory = tmp_path_factory.mktemp("aoti_ckpt") / "encoder"
     model.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer) -> Path:
+    config = dataclasses.replace(TINY, vocab_size=tokenizer.get_vocab_size())
+    torch.manual_seed(0)
+    return _saved(tokdrop.BertModel(config), tmp_path_factory.mktemp("aoti_ckpt") / "encoder")
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +109,32 @@ def test_package_validated_and_reloads(package, checkpoint):
     assert meta["tokdrop.max_batch"] == str(MAX_BATCH) and meta["tokdrop.max_seq_len"] == str(MAX_SEQ)
     assert meta["tokdrop.outputs"] == "last_hidden_state,pooler_output"
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp/staging left
+
+
+def test_roberta_classifier_package_matches_eager_model(tmp_path):
+    """RoBERTa (padding id 1, positions offset by 2, one token type) at TINY's sizes, the whole
+    length its position embeddings cover."""
+    sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    config = tokdrop.RobertaConfig(**{name: getattr(TINY, name) for name in sizes}, max_position_embeddings=MAX_SEQ + 2)
+    torch.manual_seed(0)
+    checkpoint = _saved(tokdrop.RobertaForSequenceClassification(config), tmp_path / "roberta")
+    path = tmp_path / "roberta.pt2"
+    report = to_aoti(checkpoint, path, max_batch=MAX_BATCH)
+    assert report.ok and report.head == "classifier" and report.seq_range == (1, MAX_SEQ), report.summary()
+    assert all(d <= 1e-5 for d in report.max_abs_diff.values()), report.summary()
+    runner = torch._inductor.aoti_load_package(str(path))
+    meta = runner.get_metadata()
+    # What tokdrop-serve pads ragged rows with and checks token types against.
+    assert meta["tokdrop.pad_token_id"] == "1" and meta["tokdrop.type_vocab_size"] == "1"
+    assert meta["tokdrop.outputs"] == "logits" and meta["tokdrop.max_seq_len"] == str(MAX_SEQ)
+
+    # Independent check against the eager model at a shape the validation did not use, with padding.
+    model = tokdrop.RobertaForSequenceClassification.from_pretrained(checkpoint).eval()
+    ids, mask, types = make_inputs(config, [MAX_SEQ, 11, 1], seed=5)
+    with torch.no_grad():
+        expected = model(ids, mask, types).logits
+    (got,) = runner(ids, mask, types)
+    assert ((got - expected).abs() <= TOLERANCES["fp32"].bound(expected)).all(), (got - expected).abs().max()
 
 
 def _batch_lines(tokenizer, texts: list[str], batch: int) -> tuple[list[str], list[tuple]]:

@@ -44,6 +44,28 @@ TINY = tokdrop.BertConfig(
     num_labels=3,
 )
 MAX_BATCH, MAX_SEQ = 4, 48
+FAMILIES = ("bert", "roberta")
+
+
+def _tiny(family: str) -> tokdrop.BertConfig:
+    """TINY of `family`: RoBERTa's has its padding id 1, one token type and 2 more position
+    embeddings (its positions start after the padding id), so that both take MAX_SEQ tokens."""
+    if family == "bert":
+        return TINY
+    sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_labels")
+    return tokdrop.RobertaConfig(
+        **{name: getattr(TINY, name) for name in sizes}, max_position_embeddings=TINY.max_position_embeddings + 2
+    )
+
+
+def _of(family: str, name: str) -> str:
+    """The key of checkpoint `name` of `family` in the checkpoints fixture."""
+    return name if family == "bert" else f"{family}_{name}"
+
+
+def _class(family: str, kind: str) -> type[torch.nn.Module]:
+    """tokdrop's class of `family` and `kind` ("Model", "ForSequenceClassification", ...)."""
+    return getattr(tokdrop, {"bert": "Bert", "roberta": "Roberta"}[family] + kind)
 
 
 def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -55,9 +77,9 @@ def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def _save(root: Path, name: str, cls, **changes) -> Path:
+def _save(root: Path, name: str, cls, config: tokdrop.BertConfig = TINY, **changes) -> Path:
     torch.manual_seed(0)
-    model = _perturb(cls(dataclasses.replace(TINY, **changes)))
+    model = _perturb(cls(dataclasses.replace(config, **changes)))
     model.save_pretrained(root / name)
     return root / name
 
@@ -72,6 +94,17 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
             root, "narrow", tokdrop.BertForSequenceClassification, narrow=tokdrop.NarrowConfig(full_layers=1)
         ),
         "token_drop": _save(root, "token_drop", tokdrop.BertForMaskedLM, token_drop=tokdrop.TokenDropConfig(keep=0.5)),
+        "roberta_encoder": _save(root, "roberta_encoder", tokdrop.RobertaModel, _tiny("roberta")),
+        "roberta_classifier": _save(
+            root, "roberta_classifier", tokdrop.RobertaForSequenceClassification, _tiny("roberta")
+        ),
+        "roberta_token_drop": _save(
+            root,
+            "roberta_token_drop",
+            tokdrop.RobertaForMaskedLM,
+            _tiny("roberta"),
+            token_drop=tokdrop.TokenDropConfig(keep=0.5),
+        ),
     }
 
 
@@ -92,9 +125,10 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
 
 
-def test_encoder_fp32_dynamic_axes_and_padding(checkpoints, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encoder_fp32_dynamic_axes_and_padding(checkpoints, tmp_path, family):
     path = tmp_path / "encoder.onnx"
-    report = to_onnx(checkpoints["encoder"], path, max_batch=MAX_BATCH, max_seq_len=MAX_SEQ)
+    report = to_onnx(checkpoints[_of(family, "encoder")], path, max_batch=MAX_BATCH, max_seq_len=MAX_SEQ)
     assert report.output_names == ("last_hidden_state", "pooler_output")
     assert len(report.checks) >= 3 and report.padded_rows_finite
     assert all(d <= 1e-5 for d in report.max_abs_diff.values()), report.summary()
@@ -109,7 +143,7 @@ def test_encoder_fp32_dynamic_axes_and_padding(checkpoints, tmp_path):
 
     # Independent check at a shape the validation did not use, plus a fully padded row.
     session = make_session(path)
-    reference = tokdrop.BertModel.from_pretrained(checkpoints["encoder"], attn_backend="sdpa").eval()
+    reference = _class(family, "Model").from_pretrained(checkpoints[_of(family, "encoder")], attn_backend="sdpa").eval()
     ids, mask, types = make_inputs(reference.config, [11, 4, 1], seq_len=13, seed=5)
     with torch.no_grad():
         expected = reference(ids, mask, types)
@@ -120,9 +154,10 @@ def test_encoder_fp32_dynamic_axes_and_padding(checkpoints, tmp_path):
     assert all(np.isfinite(o).all() for o in onnx_export.run_session(session, ids, mask, types))
 
 
-def test_ort_fusions_counted(checkpoints, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ort_fusions_counted(checkpoints, tmp_path, family):
     path = tmp_path / "fused.onnx"
-    report = to_onnx(checkpoints["encoder"], path, max_batch=MAX_BATCH, max_seq_len=MAX_SEQ, optimize=True)
+    report = to_onnx(checkpoints[_of(family, "encoder")], path, max_batch=MAX_BATCH, max_seq_len=MAX_SEQ, optimize=True)
     layers = TINY.num_hidden_layers
     counts = _op_counts(path)
     assert counts.get("Attention", 0) == layers, counts
@@ -148,16 +183,27 @@ def test_fp16_keeps_layernorm_and_softmax_fp32(checkpoints, tmp_path):
     assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT] * 2
 
 
-def test_classifier_with_external_data(checkpoints, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_classifier_with_external_data(checkpoints, tmp_path, family):
     path = tmp_path / "cls.onnx"
-    report = to_onnx(checkpoints["classifier"], path, max_batch=MAX_BATCH, max_seq_len=MAX_SEQ, external_data=True)
+    checkpoint = checkpoints[_of(family, "classifier")]
+    report = to_onnx(checkpoint, path, max_batch=MAX_BATCH, external_data=True)
     assert report.head == "classifier" and report.output_names == ("logits",)
+    assert report.seq_range == (1, MAX_SEQ)  # the default: every position embedding, less RoBERTa's offset
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cls.onnx", "cls.onnx.data"]
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = [t for t in graph.initializer if "word_embeddings" in t.name]
     assert weights and all(t.data_location == onnx.TensorProto.EXTERNAL for t in weights)
     assert {e.value for t in weights for e in t.external_data if e.key == "location"} == {"cls.onnx.data"}
     assert all(d <= 1e-5 for d in report.max_abs_diff.values())
+
+    # Independent check against the eager model at a shape the validation did not use, with padding.
+    model = _class(family, "ForSequenceClassification").from_pretrained(checkpoint).eval()
+    ids, mask, types = make_inputs(model.config, [MAX_SEQ, 11, 1], seed=5)
+    with torch.no_grad():
+        expected = model(ids, mask, types).logits
+    got = torch.from_numpy(onnx_export.run_session(make_session(path), ids, mask, types)[0])
+    assert ((got - expected).abs() <= TOLERANCES["fp32"].bound(expected)).all(), (got - expected).abs().max()
 
 
 def test_external_data_threshold():
@@ -166,9 +212,10 @@ def test_external_data_threshold():
     assert onnx_export.use_external_data(10, True) and not onnx_export.use_external_data(3 * 2**30, False)
 
 
-def test_embedding_head_of_token_drop_checkpoint(checkpoints, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_embedding_head_of_token_drop_checkpoint(checkpoints, tmp_path, family):
     report = to_onnx(
-        checkpoints["token_drop"],
+        checkpoints[_of(family, "token_drop")],
         tmp_path / "emb.onnx",
         head="embedding",
         max_batch=MAX_BATCH,

@@ -11,7 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from tokdrop.config import BertConfig
-from tokdrop.model import IGNORE_INDEX, BertForMaskedLM
+from tokdrop.model import IGNORE_INDEX, BertForMaskedLM, MaskedLM, RobertaForMaskedLM
+
+# The masked-LM class of each config family, by the config's model_type.
+_MASKED_LM_CLASSES: dict[str, type[MaskedLM]] = {
+    cls.config_class.model_type: cls for cls in (BertForMaskedLM, RobertaForMaskedLM)
+}
 
 
 def config_from_arguments(
@@ -21,20 +26,24 @@ def config_from_arguments(
     seq_len: int,
     max_predictions_per_seq: int,
     pad_token_id: int = 0,
+    config_class: type[BertConfig] = BertConfig,
 ) -> BertConfig:
-    """The dense base config of the flags added by `add_model_arguments`."""
-    return BertConfig(
+    """The dense base config of the flags added by `add_model_arguments`, of `config_class`
+    (BertConfig, or RobertaConfig with its own defaults for the fields the flags leave out), with
+    position embeddings for `seq_len` tokens (RoBERTa's: `seq_len` after its position offset)."""
+    fields = dict(
         vocab_size=vocab_size,
         hidden_size=args.hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         intermediate_size=args.intermediate,
-        max_position_embeddings=seq_len,
         pad_token_id=pad_token_id,
         hidden_dropout_prob=args.dropout,
         attention_probs_dropout_prob=args.dropout,
         max_predictions_per_seq=max_predictions_per_seq,
     )
+    offset = config_class(**fields).position_offset  # RoBERTa's positions start after the padding id
+    return config_class(**fields, max_position_embeddings=seq_len + offset)
 
 
 class StepResult(NamedTuple):
@@ -42,10 +51,12 @@ class StepResult(NamedTuple):
     seconds: float
 
 
-def build_model(config: BertConfig, seed: int, device: torch.device | str = "cpu") -> BertForMaskedLM:
-    """A freshly initialised model in training mode; the same seed gives the same initial weights."""
+def build_model(config: BertConfig, seed: int, device: torch.device | str = "cpu") -> MaskedLM:
+    """A freshly initialised masked-LM model of the config's family (BertForMaskedLM, or
+    RobertaForMaskedLM for a RobertaConfig) in training mode; the same seed gives the same initial
+    weights."""
     torch.manual_seed(seed)
-    return BertForMaskedLM(config).to(device).train()
+    return _MASKED_LM_CLASSES[config.model_type](config).to(device).train()
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
