@@ -95,7 +95,7 @@ def variant_configs(args: argparse.Namespace, data) -> dict:
         max_predictions_per_seq=data.num_predictions,
         pad_token_id=data.specials.pad,
     )
-    allow_ids = (data.specials.cls, data.specials.sep, data.specials.mask, data.specials.unk)
+    allow_ids = data.specials.always_kept()
     configs = {}
     for name in args.variants:
         mode = "token_drop" if name == "sctd" else name

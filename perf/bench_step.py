@@ -91,11 +91,6 @@ def transformers_model(config: BertConfig, seed: int, device: str) -> torch.nn.M
     return transformers.BertForMaskedLM(hf_config).to(device).train()
 
 
-def allow_ids(specials: SpecialTokenIds) -> tuple[int, ...]:
-    """The ids token dropping always keeps: [CLS], [SEP], [MASK] and [UNK] (or RoBERTa's)."""
-    return (specials.cls, specials.sep, specials.mask, specials.unk)
-
-
 def random_batch(args: argparse.Namespace, specials: SpecialTokenIds = SPECIALS) -> dict[str, torch.Tensor]:
     """Full rows [CLS] w ... w [SEP] (RoBERTa: <s> w ... w </s>) of random ids, masked with exactly
     `--predictions` per row; the same words and masked positions for either family's `specials`."""
@@ -134,9 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     modes = dict(keep=args.keep, full_layers=args.full_layers)
     configs = {"dense_full_last": dataclasses.replace(base, last_layer_subset=False)}
-    configs |= {name: with_mode(base, name, **modes, allow_ids=allow_ids(SPECIALS)) for name in BERT_MODES}
+    configs |= {name: with_mode(base, name, **modes, allow_ids=SPECIALS.always_kept()) for name in BERT_MODES}
     configs |= {
-        name: with_mode(roberta_base, mode, **modes, allow_ids=allow_ids(ROBERTA_SPECIALS))
+        name: with_mode(roberta_base, mode, **modes, allow_ids=ROBERTA_SPECIALS.always_kept())
         for name, mode in ROBERTA_MODES.items()
     }
     models = {"transformers": transformers_model(base, args.seed, args.device)}

@@ -209,7 +209,7 @@ class Variant:
 
 def model_configs(base: BertConfig) -> dict[str, BertConfig]:
     """tokdrop's configs of the run's models: every training mode, and dense on the varlen backend."""
-    allow_ids = (SPECIALS.cls, SPECIALS.sep, SPECIALS.mask, SPECIALS.unk)
+    allow_ids = SPECIALS.always_kept()
     configs = {mode: with_mode(base, mode, allow_ids=allow_ids) for mode in MODES}
     # varlen_attn has no attention dropout; MosaicBERT trains without it as well.
     configs["varlen"] = dataclasses.replace(configs["dense"], attn_backend="varlen", attention_probs_dropout_prob=0.0)

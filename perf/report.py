@@ -212,8 +212,8 @@ def step_section(files: list[tuple[Path, dict]], out: Path, missing: list[str]) 
                         name,
                         number(r["measured"]),
                         number(r["flop_model"]),
-                        f"<= {r['target']}",
-                        "yes" if r["meets_target"] else "no",
+                        "-" if r["target"] is None else f"<= {r['target']}",
+                        "-" if r["target"] is None else "yes" if r["meets_target"] else "no",
                     ]
                     for name, r in data["ratios"].items()
                 ],

@@ -890,7 +890,7 @@ def test_a_killed_rank_is_named(shards, tmp_path):
 def test_ranks_wait_for_rank_zero_tokenising_longer_than_the_collective_timeout(shards, tmp_path):
     corpus = _write_words(tmp_path / "corpus.txt", 10_000_000)  # tokenising takes seconds
     argv = ["--data", str(corpus), "--tokenizer", str(shards / "tokenizer.json"), "--out", str(tmp_path / "out")]
-    _torchrun(*argv, "--prepare-only", "--collective-timeout", "1")
+    _torchrun(*argv, "--prepare-only", "--collective-timeout", "1", cwd=tmp_path)
     assert ShardSet(tmp_path / "out" / "shards").total_tokens > 2_000_000
 
 

@@ -18,6 +18,11 @@ class SpecialTokenIds:
     def as_tuple(self) -> tuple[int, ...]:
         return (self.pad, self.unk, self.cls, self.sep, self.mask)
 
+    def always_kept(self) -> tuple[int, ...]:
+        """The ids token dropping always keeps, for TokenDropConfig(allow_ids=...): [CLS], [SEP],
+        [MASK] and [UNK] (RoBERTa: <s>, </s>, <mask>, <unk>)."""
+        return (self.cls, self.sep, self.mask, self.unk)
+
 
 # Each role's token in BERT's and in RoBERTa's vocabularies.
 _NAMES = {
@@ -52,7 +57,5 @@ def special_tokens(tokenizer: Any) -> SpecialTokenIds:
 
 
 def special_token_ids(tokenizer: Any) -> tuple[int, ...]:
-    """The ids token dropping always keeps: [CLS], [SEP], [MASK] and [UNK] (RoBERTa: <s>, </s>, <mask>,
-    <unk>), for TokenDropConfig(allow_ids=...)."""
-    ids = special_tokens(tokenizer)
-    return (ids.cls, ids.sep, ids.mask, ids.unk)
+    """SpecialTokenIds.always_kept of the tokenizer's vocabulary."""
+    return special_tokens(tokenizer).always_kept()

@@ -51,7 +51,7 @@ def run_demo(args: argparse.Namespace) -> int:
         max_predictions_per_seq=data.num_predictions,
         pad_token_id=data.specials.pad,
     )
-    allow_ids = (data.specials.cls, data.specials.sep, data.specials.mask, data.specials.unk)
+    allow_ids = data.specials.always_kept()
     configs = {
         mode: with_mode(base, mode, keep=args.keep, full_layers=args.full_layers, allow_ids=allow_ids)
         for mode in VARIANTS

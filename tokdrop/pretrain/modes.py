@@ -44,7 +44,7 @@ def model_config(settings: Settings, vocab_size: int, specials: SpecialTokenIds,
         settings.mode,
         keep=kept_length(settings, 0),
         full_layers=settings.full_layers,
-        allow_ids=(specials.cls, specials.sep, specials.mask, specials.unk),
+        allow_ids=specials.always_kept(),
     )
     if config.token_drop is not None:
         drop = dataclasses.replace(
@@ -80,7 +80,7 @@ def set_kept_length(model: BertForMaskedLM, keep: float | int) -> None:
     """Make the token-dropping or random-LTD layers of `model` keep `keep` tokens from the next
     forward on."""
     if model.config.token_drop is not None or model.config.random_ltd is not None:
-        model.bert.encoder.keep = keep
+        model.base_model.encoder.keep = keep
 
 
 def consistency_step(config: BertConfig, step: int) -> bool:

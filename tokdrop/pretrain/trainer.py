@@ -340,7 +340,7 @@ class Trainer:
 
     def _importance(self) -> dict[str, float] | None:
         """Statistics of the importance table's learned entries (the pinned ones are infinite)."""
-        importance = self.raw.bert.token_importance
+        importance = self.raw.base_model.token_importance
         if importance is None or importance.mode != "mlm_loss":
             return None
         table = importance.table[importance.table.isfinite()].float()
@@ -383,7 +383,7 @@ def _parallelize(model: BertForMaskedLM, parallel: str, world_size: int, device:
         )
     # The logits are a view (a linear layer on [B, P, H]) that nothing changes in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBertForMaskedLM\) returned a view")
-    for layer in model.bert.encoder.layer:
+    for layer in model.base_model.encoder.layer:
         fully_shard(layer)
     fully_shard(model)
     return model
