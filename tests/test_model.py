@@ -272,8 +272,8 @@ class RecordedSelections:
     def __init__(self, monkeypatch):
         self.calls = []
 
-        def recording(*args):
-            result = select_tokens(*args)
+        def recording(*args, **kwargs):
+            result = select_tokens(*args, **kwargs)
             self.calls.append(result)
             return result
 
@@ -468,3 +468,22 @@ def test_unpadding_is_left_to_passes_over_every_token():
         unpadded.bert.encoder(
             torch.zeros(5, 32), tokdrop.layers.Packed(torch.tensor([0, 5]), 5), scores=torch.ones(1, 5)
         )
+
+
+@pytest.mark.parametrize("mode", ["dense", "token_drop", "narrow", "random_ltd"])
+def test_an_eager_training_step_reads_the_device_three_times(mode, monkeypatch):
+    """Each read back of a device value stalls a GPU's queue: one for the batch's checks, one for the
+    labels', one for the prediction slots; the layers trust what the model checked and built."""
+    config = tokdrop.config.with_mode(dataclasses.replace(BASE, max_predictions_per_seq=8), mode, allow_ids=(1, 2))
+    model = tokdrop.BertForMaskedLM(config).double()
+    ids, mask, types, labels = batch()
+    reads = []
+    for method in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(
+            torch.Tensor,
+            method,
+            lambda self, *a, _original=original, _name=method: reads.append(_name) or _original(self, *a),
+        )
+    model(ids, mask, types, labels=labels).loss.backward()
+    assert len(reads) <= 3, reads

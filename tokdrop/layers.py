@@ -102,10 +102,16 @@ def pack_positions(mask: Tensor, size: int) -> tuple[Tensor, Tensor]:
     if _eager() and bool((counts > size).any()):
         row = int((counts > size).nonzero()[0, 0])
         raise ValueError(f"row {row} selects {int(counts[row])} positions, more than the {size} slots")
+    return _packed_positions(mask, size), counts
+
+
+def _packed_positions(mask: Tensor, size: int) -> Tensor:
+    """pack_positions' index, for masks that select at most `size` positions per row."""
+    seq_len = mask.shape[1]
     positions = torch.arange(seq_len, device=mask.device)
     # Unique keys: selected positions sort first, each group in position order.
     order_key = torch.where(mask, positions, positions + seq_len)
-    return order_key.argsort(dim=1)[:, :size], counts
+    return order_key.argsort(dim=1)[:, :size]
 
 
 def kept_counts(lengths: Tensor, keep: float | int) -> Tensor:
@@ -125,29 +131,36 @@ def max_kept(seq_len: int, keep: float | int) -> int:
     return math.ceil(seq_len * keep - _CEIL_SLACK)
 
 
-def select_tokens(scores: Tensor, lengths: Tensor, keep: float | int) -> tuple[Tensor, Tensor]:
+def select_tokens(
+    scores: Tensor, lengths: Tensor, keep: float | int, *, validate: bool = True
+) -> tuple[Tensor, Tensor]:
     """Keep the highest-scoring real tokens of each row.
 
     scores [B, S] float (higher = more important; +inf always kept while the count allows),
     lengths [B] real tokens per row (right padding). Returns the index [B, K_max] in the layout of
     the module docstring and the kept counts [B]. Ties go to the earlier position; padding is never
-    kept while real tokens remain.
+    kept while real tokens remain. validate: check lengths and scores for NaN (device syncs).
     """
     if scores.dim() != 2 or not scores.is_floating_point():
         raise ValueError(f"scores must be a [B, S] float tensor, got {tuple(scores.shape)} {scores.dtype}")
     batch, seq_len = scores.shape
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must have shape ({batch},), got {tuple(lengths.shape)}")
-    check_range("lengths", lengths, 0, seq_len)
     size = max_kept(seq_len, keep)
-    if _eager() and bool(scores.isnan().any()):
-        raise ValueError("scores contain NaN")
+    if validate:
+        check_range("lengths", lengths, 0, seq_len)
+        _check_scores(scores)
     positions = torch.arange(seq_len, device=scores.device)
     is_real = positions < lengths[:, None]
     ranked = torch.where(is_real, scores, float("-inf")).sort(dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(ranked).scatter_(1, ranked, positions.expand(batch, -1))
-    keep_mask = rank < kept_counts(lengths, keep)[:, None]
-    return pack_positions(keep_mask, size)
+    counts = kept_counts(lengths, keep)
+    return _packed_positions(rank < counts[:, None], size), counts
+
+
+def _check_scores(scores: Tensor) -> None:
+    if _eager() and bool(scores.isnan().any()):
+        raise ValueError("scores contain NaN")
 
 
 class TokenImportance(nn.Module):
@@ -192,11 +205,13 @@ class TokenImportance(nn.Module):
         if self.pad_id is not None:
             self.table[self.pad_id] = float("-inf")
 
-    def scores(self, input_ids: Tensor) -> Tensor:
-        """Importance [B, S] of each token."""
+    def scores(self, input_ids: Tensor, *, validate: bool = True) -> Tensor:
+        """Importance [B, S] of each token. validate: check the ids against the table (a device
+        sync; the models checked them already)."""
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        check_range("token id", input_ids.flatten(), 0, self.table.shape[0] - 1)
+        if validate:
+            check_range("token id", input_ids.flatten(), 0, self.table.shape[0] - 1)
         pinned = self.table[input_ids]
         if self.mode == "mlm_loss":
             return pinned
@@ -204,8 +219,9 @@ class TokenImportance(nn.Module):
         return torch.where(pinned.isinf(), pinned, noise)
 
     @torch.no_grad()
-    def update(self, labels: Tensor, losses: Tensor) -> None:
-        """Fold per-prediction losses into the table; labels < 0 are ignored."""
+    def update(self, labels: Tensor, losses: Tensor, *, validate: bool = True) -> None:
+        """Fold per-prediction losses into the table; labels < 0 are ignored. validate: check the
+        labels against the table (a device sync; the models checked them already)."""
         if not self.training or self.mode != "mlm_loss":
             return
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
@@ -215,7 +231,7 @@ class TokenImportance(nn.Module):
         labels, losses = labels.reshape(-1), losses.reshape(-1).float()
         vocab_size = self.table.shape[0]
         valid = (labels >= 0) & torch.isfinite(losses)
-        if _eager() and bool((labels >= vocab_size).any()):
+        if validate and _eager() and bool((labels >= vocab_size).any()):
             raise ValueError(f"label id {int(labels.max())} is outside the vocabulary of {vocab_size}")
         ids = torch.where(valid, labels, 0)
         totals = torch.zeros(2, vocab_size, device=self.table.device)
@@ -346,7 +362,9 @@ class Encoder(nn.Module):
     query_lens [B] or None, inputs list or None) -> [B, S, H], or [B, M, H] at the query positions
     when query_index is given. `inputs`, when given, receives each layer's input x in turn (every
     token, the kept tokens or the queries). `keep` (a fraction of each row's real tokens, or a count)
-    sets how many tokens the cross, kept and ltd layers see; it may change between calls.
+    sets how many tokens the cross, kept and ltd layers see; it may change between calls. validate:
+    check the lengths, queries and scores (device syncs); the models pass False, having checked
+    their inputs and built the rest themselves.
     """
 
     def __init__(self, layers: Sequence[nn.Module], plan: Sequence[str], keep: float | int = 0.5) -> None:
@@ -370,18 +388,22 @@ class Encoder(nn.Module):
         query_index: Tensor | None = None,
         query_lens: Tensor | None = None,
         inputs: list[Tensor] | None = None,
+        validate: bool = True,
     ) -> Tensor:
         if isinstance(lengths, Packed):
             return self._packed(hidden, lengths, scores, query_index, inputs)
         seq_len = hidden.shape[1]
-        check_lengths(lengths, lengths, seq_len, seq_len)
         if (query_index is None) != (query_lens is None):
             raise ValueError("query_index and query_lens must be given together")
-        if query_index is not None:
-            check_lengths(query_lens, lengths, query_index.shape[1], seq_len)
-            check_index("query_index", query_index, seq_len, query_lens)
         if scores is not None and scores.shape != hidden.shape[:2]:
             raise ValueError(f"scores have shape {tuple(scores.shape)}, the hidden states {tuple(hidden.shape[:2])}")
+        if validate:
+            check_lengths(lengths, lengths, seq_len, seq_len)
+            if query_index is not None:
+                check_lengths(query_lens, lengths, query_index.shape[1], seq_len)
+                check_index("query_index", query_index, seq_len, query_lens)
+            if scores is not None:
+                _check_scores(scores)
 
         record = (lambda x: x) if inputs is None else (lambda x: inputs.append(x) or x)
         saved = kept = index = kept_lens = None  # while tokens are dropped
@@ -393,12 +415,12 @@ class Encoder(nn.Module):
             if kept is not None:
                 hidden, kept = restore_tokens(saved, kept, index, kept_lens, validate=False), None
             if kind == CROSS and scores is not None:
-                index, kept_lens = select_tokens(scores, lengths, self.keep)
+                index, kept_lens = select_tokens(scores, lengths, self.keep, validate=False)
                 saved = hidden
                 kept = layer(record(drop_tokens(hidden, index, validate=False)), kept_lens, hidden, lengths)
             elif kind == LTD and self.training:
                 index, kept_lens = select_tokens(
-                    torch.rand(hidden.shape[:2], device=hidden.device), lengths, self._ltd_keep(seq_len)
+                    torch.rand(hidden.shape[:2], device=hidden.device), lengths, self._ltd_keep(seq_len), validate=False
                 )
                 subset = layer(record(drop_tokens(hidden, index, validate=False)), kept_lens)
                 hidden = restore_tokens(hidden, subset, index, kept_lens, validate=False)

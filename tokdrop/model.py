@@ -103,28 +103,37 @@ def check_inputs(
         )
     if torch.compiler.is_compiling():
         return
-    low, high = int(input_ids.min()), int(input_ids.max())
+    # Every value check in one device-to-host transfer; the messages' details only on a failure.
+    stats = [input_ids.min(), input_ids.max()]
+    if token_type_ids is not None:
+        stats += [token_type_ids.min(), token_type_ids.max()]
+    if attention_mask is not None:
+        stats += [
+            ((attention_mask != 0) & (attention_mask != 1)).any(),
+            (attention_mask.sum(dim=1) == 0).any(),
+            (attention_mask[:, 1:] > attention_mask[:, :-1]).any(),
+        ]
+    low, high, *rest = torch.stack([stat.to(torch.int64) for stat in stats]).tolist()
     if low < 0 or high >= config.vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
-    if token_type_ids is not None and (
-        int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= config.type_vocab_size
-    ):
-        raise ValueError(
-            f"token_type_ids must be in [0, {config.type_vocab_size}), got values "
-            f"{int(token_type_ids.min())}..{int(token_type_ids.max())}"
-        )
-    if attention_mask is not None:
-        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("attention_mask must hold only 0 and 1")
-        empty = (attention_mask.sum(dim=1) == 0).nonzero()
-        if len(empty):
-            raise ValueError(f"row {int(empty[0, 0])} of attention_mask has no real tokens")
-        left_padded = (attention_mask[:, 1:] > attention_mask[:, :-1]).any(dim=1).nonzero()
-        if len(left_padded):
+    if token_type_ids is not None:
+        type_low, type_high, *rest = rest
+        if type_low < 0 or type_high >= config.type_vocab_size:
             raise ValueError(
-                f"row {int(left_padded[0, 0])} of attention_mask is not right-padded: "
-                "each row must be all ones, then all zeros"
+                f"token_type_ids must be in [0, {config.type_vocab_size}), got values {type_low}..{type_high}"
+            )
+    if attention_mask is not None:
+        not_binary, empty, left_padded = rest
+        if not_binary:
+            raise ValueError("attention_mask must hold only 0 and 1")
+        if empty:
+            row = int((attention_mask.sum(dim=1) == 0).nonzero()[0, 0])
+            raise ValueError(f"row {row} of attention_mask has no real tokens")
+        if left_padded:
+            row = int((attention_mask[:, 1:] > attention_mask[:, :-1]).any(dim=1).nonzero()[0, 0])
+            raise ValueError(
+                f"row {row} of attention_mask is not right-padded: each row must be all ones, then all zeros"
             )
 
 
@@ -137,9 +146,9 @@ def check_labels(labels: object, shape: tuple[int, ...], low: int, high: int) ->
     if tuple(labels.shape) != shape:
         raise ValueError(f"labels must have shape {shape}, got {tuple(labels.shape)}")
     if not torch.compiler.is_compiling():
-        bad = labels[((labels < low) | (labels >= high)) & (labels != IGNORE_INDEX)]
-        if len(bad):
-            raise ValueError(f"labels must be in [{low}, {high}) or {IGNORE_INDEX}, got {int(bad[0])}")
+        bad = ((labels < low) | (labels >= high)) & (labels != IGNORE_INDEX)
+        if bool(bad.any()):
+            raise ValueError(f"labels must be in [{low}, {high}) or {IGNORE_INDEX}, got {int(labels[bad][0])}")
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -285,6 +294,7 @@ class BertModel(PretrainedMixin, nn.Module):
             query_index=query_index,
             query_lens=query_lens,
             token_scores=token_scores,
+            validate=query_index is not None or token_scores is not None,
         )
 
     def encode(
@@ -298,10 +308,12 @@ class BertModel(PretrainedMixin, nn.Module):
         token_scores: Tensor | None = None,
         dropping: bool = True,
         inputs: list[Tensor] | None = None,
+        validate: bool = False,
     ) -> BertOutput:
         """forward() without the input checks, for the heads that ran them already. dropping=False
         runs a training pass of a token-dropping model in full; `inputs` collects each layer's
-        input (tokdrop.layers.Encoder)."""
+        input (tokdrop.layers.Encoder); validate: check query_index, query_lens and token_scores
+        (device syncs), which callers that built them themselves skip."""
         batch, seq_len = input_ids.shape
         if attention_mask is None:
             lengths = torch.full((batch,), seq_len, dtype=torch.long, device=input_ids.device)
@@ -313,7 +325,7 @@ class BertModel(PretrainedMixin, nn.Module):
                 raise ValueError(
                     f"token_scores has shape {tuple(token_scores.shape)} but input_ids has {tuple(input_ids.shape)}"
                 )
-            scores = self.token_importance.scores(input_ids) if token_scores is None else token_scores
+            scores = self.token_importance.scores(input_ids, validate=False) if token_scores is None else token_scores
         hidden = self.embeddings(input_ids, token_type_ids)
         with active_backend(self.attention_backend(input_ids.device.type)):
             if self._unpadded(attention_mask, scores, query_index):
@@ -321,7 +333,13 @@ class BertModel(PretrainedMixin, nn.Module):
                 hidden = pad(self.encoder(packed, offsets, inputs=inputs), where, batch, seq_len)
             else:
                 hidden = self.encoder(
-                    hidden, lengths, scores=scores, query_index=query_index, query_lens=query_lens, inputs=inputs
+                    hidden,
+                    lengths,
+                    scores=scores,
+                    query_index=query_index,
+                    query_lens=query_lens,
+                    inputs=inputs,
+                    validate=validate,
                 )
         pooled = None if self.pooler is None else self.pooler(hidden[:, 0])
         return BertOutput(hidden, pooled)
@@ -436,7 +454,9 @@ class MaskedLM(PretrainedMixin, nn.Module):
         if labels is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
             counts = torch.full_like(positions[:, 0], input_ids.shape[1])
-            hidden = model.encode(input_ids, attention_mask, token_type_ids, token_scores=token_scores)[0]
+            hidden = model.encode(
+                input_ids, attention_mask, token_type_ids, token_scores=token_scores, validate=token_scores is not None
+            )[0]
             return MaskedLMOutput(None, self.head(hidden), positions, counts)
         check_labels(labels, tuple(input_ids.shape), 0, self.config.vocab_size)
         predicted = labels != IGNORE_INDEX
@@ -458,6 +478,7 @@ class MaskedLM(PretrainedMixin, nn.Module):
                 token_scores=token_scores,
                 dropping=dropping,
                 inputs=inputs,
+                validate=token_scores is not None,
             )[0]
             logits = self.head(hidden)
             per_prediction = F.cross_entropy(
@@ -477,7 +498,7 @@ class MaskedLM(PretrainedMixin, nn.Module):
             term = self.config.token_drop.consistency_weight * kl
             loss = _mean_loss(mlm, predictions, num_items_in_batch) + _mean_loss(term, predictions, num_items_in_batch)
         if model.token_importance is not None:
-            model.token_importance.update(targets, per_prediction.detach().view_as(targets))
+            model.token_importance.update(targets, per_prediction.detach().view_as(targets), validate=False)
         return MaskedLMOutput(loss, logits, positions, counts, term)
 
     def _check_consistency(self) -> None:
