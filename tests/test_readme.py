@@ -84,7 +84,7 @@ def test_every_serving_command_runs_in_order_after_the_demo(tmp_path):
     # The console scripts and `python` of the environment the tests run in.
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     env.pop("TRITON_INTERPRET", None)
-    for command, prefix in [("tokdrop demo", None), *zip(listed, prefixes)]:
+    for command, prefix in [("tokdrop demo", None), *zip(listed, prefixes, strict=True)]:
         small = DEMO_TINY if prefix is None else SMALL[prefix]
         argv = [*shlex.split(command), *small]
         if argv[0] == "python":
@@ -93,4 +93,3 @@ def test_every_serving_command_runs_in_order_after_the_demo(tmp_path):
         assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     assert (tmp_path / "topic.onnx").is_file()
     assert (tmp_path / "runs" / "base" / "model" / "model.safetensors").is_file()
-
