@@ -192,29 +192,16 @@ def main(argv: list[str] | None = None) -> dict:
         compiled = torch.compile(EncoderHead(encoder), dynamic=True)
         fns_encoder["compile"] = lambda x: compiled(*x)
     sessions = {}
-    if export(
-        "onnx",
-        lambda: to_onnx(
-            encoder, workdir / "encoder.onnx", max_batch=max_batch, max_seq_len=max_seq, validate_export=False
-        ),
-        "encoder.onnx",
-    ):
-        sessions["onnx"] = make_session(workdir / "encoder.onnx", threads=args.threads, spin=False)
-        fns_encoder["onnx"] = lambda x: run_session(sessions["onnx"], *x)
-    if export(
-        "onnx_fused",
-        lambda: to_onnx(
-            encoder,
-            workdir / "encoder_fused.onnx",
-            max_batch=max_batch,
-            max_seq_len=max_seq,
-            optimize=True,
-            validate_export=False,
-        ),
-        "encoder_fused.onnx",
-    ):
-        sessions["onnx_fused"] = make_session(workdir / "encoder_fused.onnx", threads=args.threads, spin=False)
-        fns_encoder["onnx_fused"] = lambda x: run_session(sessions["onnx_fused"], *x)
+
+    def add_onnx(fns: dict, name: str, model, file: str, **options) -> None:
+        path = workdir / file
+        common = dict(max_batch=max_batch, max_seq_len=max_seq, validate_export=False)
+        if export(name, lambda: to_onnx(model, path, **common, **options), file):
+            sessions[name] = make_session(path, threads=args.threads, spin=False)
+            fns[name] = lambda x: run_session(sessions[name], *x)
+
+    add_onnx(fns_encoder, "onnx", encoder, "encoder.onnx")
+    add_onnx(fns_encoder, "onnx_fused", encoder, "encoder_fused.onnx", optimize=True)
     if export(
         "aoti",
         lambda: to_aoti(
@@ -232,29 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
         "cls_full_eager": lambda x: dense_cls(*x).logits,
         "cls_narrow_eager": lambda x: narrow_cls(*x).logits,
     }
-    if export(
-        "cls_full_onnx",
-        lambda: to_onnx(
-            dense_cls, workdir / "cls_full.onnx", max_batch=max_batch, max_seq_len=max_seq, validate_export=False
-        ),
-        "cls_full.onnx",
-    ):
-        sessions["cls_full_onnx"] = make_session(workdir / "cls_full.onnx", threads=args.threads, spin=False)
-        fns_cls["cls_full_onnx"] = lambda x: run_session(sessions["cls_full_onnx"], *x)
-    if export(
-        "cls_narrow_onnx",
-        lambda: to_onnx(
-            narrow_cls,
-            workdir / "cls_narrow.onnx",
-            head="narrow-cls",
-            max_batch=max_batch,
-            max_seq_len=max_seq,
-            validate_export=False,
-        ),
-        "cls_narrow.onnx",
-    ):
-        sessions["cls_narrow_onnx"] = make_session(workdir / "cls_narrow.onnx", threads=args.threads, spin=False)
-        fns_cls["cls_narrow_onnx"] = lambda x: run_session(sessions["cls_narrow_onnx"], *x)
+    add_onnx(fns_cls, "cls_full_onnx", dense_cls, "cls_full.onnx")
+    add_onnx(fns_cls, "cls_narrow_onnx", narrow_cls, "cls_narrow.onnx", head="narrow-cls")
     fns_cls = {k: v for k, v in fns_cls.items() if k not in skip}
     fns_encoder = {k: v for k, v in fns_encoder.items() if k not in skip}
 

@@ -111,21 +111,27 @@ def gpu_summary(request):
 
 
 @pytest.fixture
-def small_filesystem(tmp_path):
-    """A real file system of 1 MiB (tmpfs, mounted for the test; needs root), to fill up for real."""
+def small_disk(tmp_path):
+    """mount(size) -> a folder on a real filesystem of that size (a tmpfs; needs root), to fill up
+    for real: a faked OSError hides the exceptions a real full disk raises."""
     import subprocess
 
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    mounted = []
+
+    def mount(size: str) -> pathlib.Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True, text=True
+        )
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=True)
 
 
 @pytest.fixture(scope="session")

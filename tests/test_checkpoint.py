@@ -638,16 +638,17 @@ def test_save_overwrites_and_creates_directories(tmp_path):
     assert torch.equal(loaded.embeddings.word_embeddings.weight, second.embeddings.word_embeddings.weight)
 
 
-def test_full_disk_during_save_leaves_the_previous_checkpoint(small_filesystem):
+def test_full_disk_during_save_leaves_the_previous_checkpoint(small_disk):
     """A real 1 MiB file system: the old checkpoint fits, the new one (about 2 MB) does not."""
-    target = small_filesystem / "ckpt"
+    disk = small_disk("1m")
+    target = disk / "ckpt"
     old = td_model("BertModel", seed=0)
     old.save_pretrained(target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     big = td_model("BertModel", seed=1, hidden_size=256, intermediate_size=512, vocab_size=500)
     with pytest.raises(OSError, match="cannot write model.safetensors: .*No space left on device"):
         big.save_pretrained(target)
-    assert sorted(os.listdir(small_filesystem)) == ["ckpt"]  # no temporaries left beside it
+    assert sorted(os.listdir(disk)) == ["ckpt"]  # no temporaries left beside it
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert torch.equal(load_quietly(tokdrop.BertModel, target).pooler.dense.weight, old.pooler.dense.weight)
 

@@ -732,26 +732,6 @@ def test_sigterm_checkpoints_and_stops(shards, tmp_path, monkeypatch):
     assert _checkpoints(out)[-1] == "step-00000008"
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """mount(size) -> a folder on a real filesystem of that size: a tmpfs, which needs root."""
-    mounted = []
-
-    def mount(size: str) -> Path:
-        point = tmp_path / f"disk{len(mounted)}"
-        point.mkdir()
-        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", str(point)], check=True)
-
-
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(shards, small_disk, capsys):
     out = small_disk("2m") / "run"  # a TINY checkpoint takes 1.4 MB: the second one cannot fit
     assert _pretrain("--data", str(shards), "--out", str(out), *TINY) == 1
