@@ -111,7 +111,7 @@ def test_package_validated_and_reloads(package, checkpoint):
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp/staging left
 
 
-def test_roberta_classifier_package_matches_eager_model(tmp_path):
+def test_roberta_classifier_package_matches_eager_model(serve, tmp_path):
     """RoBERTa (padding id 1, positions offset by 2, one token type) at TINY's sizes, the whole
     length its position embeddings cover."""
     sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -134,6 +134,20 @@ def test_roberta_classifier_package_matches_eager_model(tmp_path):
     with torch.no_grad():
         expected = model(ids, mask, types).logits
     (got,) = runner(ids, mask, types)
+    assert ((got - expected).abs() <= TOLERANCES["fp32"].bound(expected)).all(), (got - expected).abs().max()
+
+    # tokdrop-serve on ragged rows: it pads them with RoBERTa's padding id and masks the padding.
+    rows = [[0, 5, 9, 17, 2], [0, 8, 2]]
+    line = json.dumps({"input_ids": rows}) + "\n"
+    done = subprocess.run([str(serve), str(path)], input=line, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ids = torch.ones(len(rows), len(rows[0]), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    with torch.no_grad():
+        expected = model(ids, mask).logits
+    got = torch.tensor(json.loads(done.stdout)["logits"])
     assert ((got - expected).abs() <= TOLERANCES["fp32"].bound(expected)).all(), (got - expected).abs().max()
 
 
