@@ -205,7 +205,7 @@ def finetune(args: argparse.Namespace, data, trainees: list[Trainee], workdir: P
                 out = workdir / "finetune" / trainee.name / task_name / str(seed)
                 argv = ["finetune", "--model", str(model_dir), *task.finetune_arguments(), "--seed", str(seed)]
                 argv += ["--out", str(out), "--max-length", str(args.seq_len)] + (
-                    ["--epochs", "2"] if args.quick else []
+                    ["--epochs", "1"] if args.quick else []
                 )
                 if cli.main(argv) != 0:
                     raise RuntimeError(f"tokdrop {' '.join(argv)} failed")

@@ -3,9 +3,10 @@
     python perf/report.py                          # reads perf/results/, writes perf/REPORT.md + perf/report_*.png
     python perf/report.py --results DIR --out DIR
 
-Reads whichever of bench_train*, bench_step*, bench_attention*, bench_inference* and bench_scaling*
-exist. Every table and plot names its source file, device, versions and commit; what no file
-covers yet is listed under "Not measured yet". Nothing here is typed by hand: only the files' figures.
+Reads whichever of bench_quality*, bench_train*, bench_step*, bench_attention*, bench_unpad*,
+bench_inference* and bench_scaling* exist. Every table and plot names its source file, device,
+versions and commit; what no file covers yet is listed under "Not measured yet". Nothing here is
+typed by hand: only the files' figures.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 PERF = Path(__file__).resolve().parent
-KINDS = ("bench_train", "bench_step", "bench_attention", "bench_inference", "bench_scaling")
+KINDS = (
+    "bench_quality",
+    "bench_train",
+    "bench_step",
+    "bench_attention",
+    "bench_unpad",
+    "bench_inference",
+    "bench_scaling",
+)
 
 
 def load(results_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
@@ -79,6 +88,61 @@ def bar_plot(out: Path, title: str, ylabel: str, panels: list[tuple[str, dict[st
 
 
 # --------------------------------------------------------------------------------------- sections
+
+
+def quality_section(files: list[tuple[Path, dict]], out: Path, missing: list[str]) -> list[str]:
+    lines = ["## Quality at equal cost (perf/bench_quality.py)"]
+    for path, data in files:
+        minutes = data["arguments"]["minutes"]
+        lines += [
+            "",
+            provenance(path, data),
+            "",
+            f"{minutes:g} minutes of training per variant, steps interleaved; held-out masked-LM loss (nats) "
+            f"over {data['data']['held_out_predictions']} predictions; unigram (no context) "
+            f"{data['unigram_loss']:.3f}.",
+            "",
+            table(
+                ["variant", "steps", "final loss", "accuracy", "loss @ equal time", "loss @ equal FLOPs",
+                 "time to dense's loss", "goal"],
+                [
+                    [
+                        name,
+                        str(v["steps"]),
+                        number(v["final_held_out_loss"], ".3f"),
+                        number(v["final_held_out_accuracy"], ".3f"),
+                        number(v["held_out_loss_at_equal_time"], ".3f"),
+                        number(v["held_out_loss_at_equal_flops"], ".3f"),
+                        "not reached" if v["time_to_dense_final_loss_vs_dense"] is None
+                        else f"{v['time_to_dense_final_loss_vs_dense']:.2f}x",
+                        "-" if v["goal_vs_dense"] is None
+                        else f"<= {v['goal_vs_dense']}: {'met' if v['meets_goal'] else 'missed'}",
+                    ]
+                    for name, v in data["variants"].items()
+                ],
+            ),
+        ]  # fmt: skip
+        plot = path.with_suffix(".png")
+        if plot.is_file():
+            lines += ["", f"![held-out loss against time and FLOPs](results/{plot.name})"]
+        if "finetune" in data:
+            tasks = sorted({task for per in data["finetune"].values() for task in per})
+            lines += [
+                "",
+                "Fine-tuned on the downstream tasks (test accuracy, mean +- half the range over seeds):",
+                "",
+                table(
+                    ["variant", *tasks],
+                    [
+                        [name, *(f"{per[t]['mean']:.3f} +- {per[t]['spread']:.3f}" for t in tasks)]
+                        for name, per in data["finetune"].items()
+                    ],
+                ),
+            ]
+    if not files:
+        missing.append("Quality at equal cost (`perf/bench_quality.py`).")
+        lines += ["", "No results yet."]
+    return lines
 
 
 def train_section(files: list[tuple[Path, dict]], out: Path, missing: list[str]) -> list[str]:
@@ -277,6 +341,35 @@ def attention_section(
     return lines + ["", "![kernel TFLOP/s](report_kernel_tflops.png)"]
 
 
+def unpad_section(files: list[tuple[Path, dict]], out: Path, missing: list[str]) -> list[str]:
+    lines = ["## Unpadded encoder (perf/bench_unpad.py)"]
+    for path, data in files:
+        rows = [
+            [
+                f"batch {size} {kind}",
+                number(run["median_s"][f"{kind}/padded"] * 1e3, ".1f"),
+                number(run["median_s"][f"{kind}/unpadded"] * 1e3, ".1f"),
+                number(ratio["unpadded_over_padded"]),
+                number(run["real_token_fraction"]),
+                "yes" if ratio["within_goal"] else "no",
+            ]
+            for size, run in data["runs"].items()
+            for kind, ratio in run["ratios"].items()
+        ]
+        lines += [
+            "",
+            provenance(path, data),
+            "",
+            f"Model preset {data['model']['preset']}; batches of real sentence lengths; goal: {data['goal']}.",
+            "",
+            table(["case", "padded ms", "unpadded ms", "unpadded / padded", "real-token fraction", "goal met"], rows),
+        ]
+    if not files:
+        missing.append("Unpadded against padded steps (`perf/bench_unpad.py`).")
+        lines += ["", "No results yet."]
+    return lines
+
+
 def inference_section(files: list[tuple[Path, dict]], out: Path, missing: list[str]) -> list[str]:
     lines = ["## Inference (perf/bench_inference.py)"]
     for path, data in files:
@@ -352,9 +445,11 @@ def main(argv: list[str] | None = None) -> Path:
     }
     missing: list[str] = []
     sections: list[Callable[[], list[str]]] = [
+        lambda: quality_section(found["bench_quality"], args.out, missing),
         lambda: train_section(found["bench_train"], args.out, missing),
         lambda: step_section(found["bench_step"], args.out, missing),
         lambda: attention_section(found["bench_attention"], args.out, missing, peaks),
+        lambda: unpad_section(found["bench_unpad"], args.out, missing),
         lambda: inference_section(found["bench_inference"], args.out, missing),
         lambda: scaling_section(found["bench_scaling"], args.out, missing),
     ]

@@ -40,15 +40,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """Skip `needs_cuda` tests on machines without a GPU; run the Triton-interpreter kernel tests
-    first, in a process nothing else has touched yet: in full runs the interpreter segfaulted at
-    random points after the export and compile tests had loaded compiled libraries (AOTInductor,
-    ONNX Runtime, inductor kernels); alone it never did."""
+    """Skip `needs_cuda` tests on machines without a GPU."""
     if not torch.cuda.is_available():
         for item in items:
             if "needs_cuda" in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=NO_CUDA))
-    items.sort(key=lambda item: not item.path.name.startswith("test_kernels_"))
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """perf/bench_quality.py --quick end to end: every curve, the comparisons at equal time and FLOPs,
-the fine-tuning of the pretrained variants, the JSON and the plot."""
+the fine-tuning of the pretrained variants, the JSON and the plot, and perf/report.py's section."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def bench():
 
 
 def test_quick_run_writes_curves_comparisons_and_finetuning(bench, tmp_path, capsys):
-    out = tmp_path / "quality.json"
+    out = tmp_path / "results" / "bench_quality_cpu.json"
+    out.parent.mkdir()
     argv = [
         "--quick",
         "--minutes",
@@ -58,3 +59,11 @@ def test_quick_run_writes_curves_comparisons_and_finetuning(bench, tmp_path, cap
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "to dense's loss" in printed and "unigram" in printed and "topic accuracy" in printed
+
+    importlib.import_module("report").main(["--results", str(out.parent), "--out", str(tmp_path)])
+    report = (tmp_path / "REPORT.md").read_text()
+    section = report.split("## Quality at equal cost (perf/bench_quality.py)")[1].split("\n## ")[0]
+    assert f"unigram (no context) {results['unigram_loss']:.3f}" in section
+    for name, v in results["variants"].items():
+        assert f"| {name} | {v['steps']} | {v['final_held_out_loss']:.3f} |" in section
+    assert "| variant | next_sentence | topic |" in section and "results/bench_quality_cpu.png" in section

@@ -1,5 +1,5 @@
-"""perf/bench_train.py on a tiny CPU run writes the promised JSON; perf/report.py turns results into
-REPORT.md and PNGs."""
+"""perf/bench_train.py and perf/bench_unpad.py on tiny CPU runs write the promised JSON; perf/report.py
+turns results into REPORT.md and PNGs."""
 
 from __future__ import annotations
 
@@ -64,11 +64,16 @@ def test_bench_train_json_and_report(perf_modules, tmp_path):
     assert 0 < time_check["flop_model"] < 1 and time_check["measured"] > 0
     assert all(c["met"] is None for c in results["targets"])  # GPU targets: no verdict on a CPU
 
+    unpad_args = ["--preset", "mini", "--batch", "2", "--max-len", "16", "--batches", "1", "--warmup", "0"]
+    importlib.import_module("bench_unpad").main(
+        [*unpad_args, "--reps", "1", "--json", str(results_dir / "bench_unpad_cpu.json")]
+    )
     for existing in sorted((PERF / "results").glob("bench_*.json")):
-        if not existing.name.startswith("bench_train"):
+        if not (results_dir / existing.name).exists():
             shutil.copy(existing, results_dir)
     report.main(["--results", str(results_dir), "--out", str(tmp_path)])
     text = (tmp_path / "REPORT.md").read_text()
+    assert "Source: `perf/results/bench_unpad_cpu.json`" in text and "| batch 2 finetune_step |" in text
     assert "Source: `perf/results/bench_train_cpu.json`" in text
     assert "## Not measured yet" in text and "GPU training figures" in text
     for png in ("report_step_time.png", "report_tokens_per_s.png"):
