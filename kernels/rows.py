@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .backends import current_backend
+from .tuning import Tiled, tile
 from .validate import check_index, check_range
 
 try:
@@ -96,19 +97,39 @@ def _merge_rows_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _tiles(n_rows: int, hidden: int) -> tuple[tuple[int, int], dict[str, int]]:
-    """Grid and tile sizes: whole rows of up to 1024 features, about 4096 elements per program."""
+# Programs own whole rows of up to 1024 features (BLOCK_H, from the width) and BLOCK_R rows. The GPU
+# space per BLOCK_H (autotuned per width, dtype and variant) takes about 4096 elements on 4 warps or
+# 16384 on 8, at most 512 rows (more rows per thread spill their index arithmetic below 16
+# features); every configuration compiles for sm_90a without spills (perf/static_sm90.py). The
+# interpreter keeps the 4096-element tiles.
+BLOCK_HS = tuple(2**i for i in range(11))
+ROWS_SPACE = {
+    h: [tile(4, 1, BLOCK_R=max(1, 4096 // h)), tile(8, 1, BLOCK_R=max(1, min(16384 // h, 512)))] for h in BLOCK_HS
+}
+_GATHER = Tiled(
+    _gather_rows_kernel, ROWS_SPACE, lambda h: tile(4, 1, BLOCK_R=max(1, 4096 // h)), ["BLOCK_H", "HAS_LENS"]
+)
+_MERGE = Tiled(
+    _merge_rows_kernel, ROWS_SPACE, lambda h: tile(4, 1, BLOCK_R=max(1, 4096 // h)), ["BLOCK_H", "HAS_BASE", "HAS_ROWS"]
+)
+KERNELS = (_GATHER, _MERGE)
+
+
+def _row_tiles(n_rows: int, hidden: int):
+    """BLOCK_H for rows of `hidden` features, and the grid over (row block, feature block)."""
     block_h = min(triton.next_power_of_2(hidden), 1024)
-    block_r = max(1, 4096 // block_h)
-    return (triton.cdiv(n_rows, block_r), triton.cdiv(hidden, block_h)), dict(BLOCK_R=block_r, BLOCK_H=block_h)
+    return block_h, lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(hidden, block_h))
 
 
 def _gather_rows(x: Tensor, idx: Tensor, lens: Tensor | None) -> Tensor:
     batch, slots = idx.shape
     out = x.new_empty((batch, slots, x.shape[2]))
-    grid, tiles = _tiles(batch * slots, x.shape[2])
+    block_h, grid = _row_tiles(batch * slots, x.shape[2])
     lens = None if lens is None else lens.contiguous()  # read with unit stride
-    _gather_rows_kernel[grid](
+    _GATHER(
+        block_h,
+        grid,
+        x.device,
         x,
         idx,
         lens,
@@ -120,7 +141,7 @@ def _gather_rows(x: Tensor, idx: Tensor, lens: Tensor | None) -> Tensor:
         *idx.stride(),
         *out.stride(),
         HAS_LENS=lens is not None,
-        **tiles,
+        BLOCK_H=block_h,
     )
     return out
 
@@ -140,8 +161,11 @@ def _merge_rows(base: Tensor | None, rows: Tensor | None, inv: Tensor, like: Ten
     hidden = like.shape[2]
     out = like.new_empty((batch, positions, hidden))
     no_strides = (0, 0, 0)
-    grid, tiles = _tiles(batch * positions, hidden)
-    _merge_rows_kernel[grid](
+    block_h, grid = _row_tiles(batch * positions, hidden)
+    _MERGE(
+        block_h,
+        grid,
+        like.device,
         base,
         rows,
         inv,
@@ -154,7 +178,7 @@ def _merge_rows(base: Tensor | None, rows: Tensor | None, inv: Tensor, like: Ten
         *out.stride(),
         HAS_BASE=base is not None,
         HAS_ROWS=rows is not None,
-        **tiles,
+        BLOCK_H=block_h,
     )
     return out
 

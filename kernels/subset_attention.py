@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .tuning import Tiled, bucket, tile
 from .validate import check_index, check_lengths, check_packed
 
 try:
@@ -246,7 +247,7 @@ def _attn_fwd_kernel(
     svb, svt, svh,
     sob, sot, soh,
     slb, slh, slt,
-    sib, NH, MAX_Q, MAX_K,
+    sib, NH, MAX_Q, MAX_K, TUNE_Q, TUNE_K,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PACKED: tl.constexpr, GATHER_Q: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
@@ -335,7 +336,7 @@ def _attn_bwd_dkdv_kernel(
     sdkb, sdkt, sdkh,
     sdvb, sdvt, sdvh,
     slb, slh, slt,
-    sib, NH, MAX_Q, MAX_K,
+    sib, NH, MAX_Q, MAX_K, TUNE_Q, TUNE_K,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PACKED: tl.constexpr, GATHER_Q: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
@@ -406,7 +407,7 @@ def _attn_bwd_dq_kernel(
     sdb, sdt, sdh,
     sdqb, sdqt, sdqh,
     slb, slh, slt,
-    sib, NH, MAX_Q, MAX_K,
+    sib, NH, MAX_Q, MAX_K, TUNE_Q, TUNE_K,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PACKED: tl.constexpr, GATHER_Q: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
@@ -471,20 +472,59 @@ def _dropout_mask_kernel(SEED, MASK, dropout_p, MAX_Q, MAX_K, BLOCK_M: tl.conste
 # --------------------------------------------------------------------------------------------------
 
 
-def _config(head_dim: int, device: torch.device) -> dict[str, int]:
-    """Block sizes. GPU values are starting points to tune; the interpreter uses blocks of 16 so that
-    the small test shapes still cross block boundaries."""
-    if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+# GPU tile spaces per (head dim, element bytes), autotuned on the first launch of each (bucketed max
+# lengths, layout, dropout, dtype). Chosen with perf/static_sm90.py --candidates (the bf16 sweep is
+# perf/results/static_sm90_candidates.json): every configuration compiles for sm_90a without
+# register spills in every variant, with triton 3.9 and 3.6 (perf/results/static_sm90*.json;
+# tests/test_static_sm90.py). fp16/bf16 follow FlashAttention-2's shapes: forward 128 queries on 8
+# warps (4 warps spill with dropout), or 128x32 blocks; dK/dV 32 or 16 queries per step on 4 warps
+# (64x64 spills with dropout: on 4 warps, and at head dim 64 on 8 warps with triton 3.6's ptxas); dQ
+# 128x32 on 8 warps or 64x32 on 4. float32 runs its products in IEEE FMA (no tensor cores): 32x32
+# blocks, and 16x16 where those spill (dK/dV from head dim 64, the forward at 128). The interpreter
+# runs blocks of 16, so that the small test shapes still cross block boundaries.
+_FP32_SMALL = [tile(4, 2, BLOCK_M=32, BLOCK_N=32)]
+FWD_SPACE = {
+    (32, 2): [tile(8, 3, BLOCK_M=128, BLOCK_N=64), tile(4, 3, BLOCK_M=128, BLOCK_N=32)],
+    (64, 2): [tile(8, 3, BLOCK_M=128, BLOCK_N=64), tile(4, 3, BLOCK_M=128, BLOCK_N=32)],
+    (128, 2): [tile(8, 3, BLOCK_M=128, BLOCK_N=32), tile(8, 2, BLOCK_M=128, BLOCK_N=64)],
+    (32, 4): _FP32_SMALL,
+    (64, 4): _FP32_SMALL,
+    (128, 4): [tile(4, 2, BLOCK_M=16, BLOCK_N=16)],
+}
+DKDV_SPACE = {
+    (32, 2): [tile(4, 2, BLOCK_M=32, BLOCK_N=64), tile(8, 2, BLOCK_M=64, BLOCK_N=64)],
+    (64, 2): [tile(4, 2, BLOCK_M=32, BLOCK_N=64), tile(4, 2, BLOCK_M=16, BLOCK_N=64)],
+    (128, 2): [tile(4, 2, BLOCK_M=16, BLOCK_N=64)],
+    (32, 4): _FP32_SMALL,
+    (64, 4): [tile(4, 2, BLOCK_M=16, BLOCK_N=16)],
+    (128, 4): [tile(4, 2, BLOCK_M=16, BLOCK_N=16)],
+}
+DQ_SPACE = {
+    (32, 2): [tile(8, 2, BLOCK_M=128, BLOCK_N=32), tile(4, 2, BLOCK_M=64, BLOCK_N=32)],
+    (64, 2): [tile(8, 2, BLOCK_M=128, BLOCK_N=32), tile(4, 2, BLOCK_M=64, BLOCK_N=32)],
+    (128, 2): [tile(8, 2, BLOCK_M=128, BLOCK_N=32), tile(4, 2, BLOCK_M=64, BLOCK_N=32)],
+    (32, 4): _FP32_SMALL,
+    (64, 4): _FP32_SMALL,
+    (128, 4): _FP32_SMALL,
+}
+PREPROCESS_SPACE = {(d, size): [tile(4, 1, BLOCK_M=64)] for d in HEAD_DIMS for size in (2, 4)}
+INTERPRETER_TILES = tile(4, 1, BLOCK_M=16, BLOCK_N=16)
+# Autotune keys besides the dtypes: max lengths bucketed to powers of two (TUNE_Q/TUNE_K), layout, dropout.
+_KEY = ["TUNE_Q", "TUNE_K", "PACKED", "GATHER_Q", "DROPOUT"]
+_FWD = Tiled(_attn_fwd_kernel, FWD_SPACE, INTERPRETER_TILES, _KEY)
+_DKDV = Tiled(_attn_bwd_dkdv_kernel, DKDV_SPACE, INTERPRETER_TILES, _KEY)
+_DQ = Tiled(_attn_bwd_dq_kernel, DQ_SPACE, INTERPRETER_TILES, _KEY)
+_PREPROCESS = Tiled(_attn_bwd_preprocess_kernel, PREPROCESS_SPACE, tile(4, 1, BLOCK_M=16))
+# dropout_keep_mask (tests only) keeps one fixed tile everywhere; Triton's default stages on a GPU.
+_DROPOUT_MASK = Tiled(
+    _dropout_mask_kernel, {None: [tile(4, 3, BLOCK_M=16, BLOCK_N=16)]}, tile(4, 1, BLOCK_M=16, BLOCK_N=16)
+)
+KERNELS = (_FWD, _PREPROCESS, _DKDV, _DQ, _DROPOUT_MASK)
 
 
-def _bwd_config(head_dim: int, device: torch.device) -> dict[str, int]:
-    if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+def _row_blocks(batch: int, nh: int, rows: int, block: str):
+    """Grid over (b, h, block of `rows`) for a tile's block size `block`."""
+    return lambda meta: (batch * nh * triton.cdiv(rows, meta[block]),)
 
 
 def _strides(packed: bool, *tensors: Tensor) -> list[int]:
@@ -536,12 +576,11 @@ def _launch_fwd(q, k, v, q_seq, k_seq, q_index, seed, scale, dropout_p, max_q, m
     out, lse = _new_outputs(q, max_q, packed)
     q_seq, k_seq, q_index = _dense(q_seq, k_seq, q_index)
     batch, nh, d = _batch(q, q_seq, packed), q.shape[-2], q.shape[-1]
-    cfg = _config(d, q.device)
-    grid = (batch * nh * triton.cdiv(max_q, cfg["BLOCK_M"]),)
-    _attn_fwd_kernel[grid](
+    _FWD(
+        (d, q.element_size()), _row_blocks(batch, nh, max_q, "BLOCK_M"), q.device,
         q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dropout_p,
-        *_strides(packed, q, k, v, out, lse), _index_stride(q_index), nh, max_q, max_k,
-        HEAD_DIM=d, **_flags(q_index, dropout_p, packed), **cfg,
+        *_strides(packed, q, k, v, out, lse), _index_stride(q_index), nh, max_q, max_k, bucket(max_q), bucket(max_k),
+        HEAD_DIM=d, **_flags(q_index, dropout_p, packed),
     )  # fmt: skip
     return out, lse
 
@@ -552,24 +591,24 @@ def _launch_bwd(dout, q, k, v, out, lse, q_seq, k_seq, q_index, seed, scale, dro
     batch, nh, d = _batch(q, q_seq, packed), q.shape[-2], q.shape[-1]
     dq, dk, dv = _new_grads(q, k, v, q_index)
     delta = torch.empty_like(lse)
-    cfg = _bwd_config(d, q.device)
     flags = _flags(q_index, dropout_p, packed)
-    q_blocks = batch * nh * triton.cdiv(max_q, cfg["BLOCK_M"])
-    k_blocks = batch * nh * triton.cdiv(max_k, cfg["BLOCK_N"])
-    _attn_bwd_preprocess_kernel[(q_blocks,)](
-        out, dout, delta, q_seq, *_strides(packed, out, dout, lse), nh, max_q,
-        HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], PACKED=packed,
+    tune = (bucket(max_q), bucket(max_k))
+    _PREPROCESS(
+        (d, q.element_size()), _row_blocks(batch, nh, max_q, "BLOCK_M"), q.device,
+        out, dout, delta, q_seq, *_strides(packed, out, dout, lse), nh, max_q, HEAD_DIM=d, PACKED=packed,
     )  # fmt: skip
     inputs = (q, k, v, dout, lse, delta)
-    _attn_bwd_dkdv_kernel[(k_blocks,)](
+    _DKDV(
+        (d, q.element_size()), _row_blocks(batch, nh, max_k, "BLOCK_N"), q.device,
         *inputs, dk, dv, q_seq, k_seq, q_index, seed, scale, dropout_p,
-        *_strides(packed, q, k, v, dout, dk, dv, lse), _index_stride(q_index), nh, max_q, max_k,
-        HEAD_DIM=d, **flags, **cfg,
+        *_strides(packed, q, k, v, dout, dk, dv, lse), _index_stride(q_index), nh, max_q, max_k, *tune,
+        HEAD_DIM=d, **flags,
     )  # fmt: skip
-    _attn_bwd_dq_kernel[(q_blocks,)](
+    _DQ(
+        (d, q.element_size()), _row_blocks(batch, nh, max_q, "BLOCK_M"), q.device,
         *inputs, dq, q_seq, k_seq, q_index, seed, scale, dropout_p,
-        *_strides(packed, q, k, v, dout, dq, lse), _index_stride(q_index), nh, max_q, max_k,
-        HEAD_DIM=d, **flags, **cfg,
+        *_strides(packed, q, k, v, dout, dq, lse), _index_stride(q_index), nh, max_q, max_k, *tune,
+        HEAD_DIM=d, **flags,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -789,6 +828,6 @@ def dropout_keep_mask(seed: Tensor, batch: int, heads: int, max_q: int, max_k: i
     if triton is None:
         raise RuntimeError("dropout_keep_mask runs a Triton kernel: triton is not installed")
     mask = torch.empty((batch, heads, max_q, max_k), dtype=torch.int8, device=seed.device)
-    grid = (batch * heads, triton.cdiv(max_q, 16), triton.cdiv(max_k, 16))
-    _dropout_mask_kernel[grid](seed, mask, dropout_p, max_q, max_k, BLOCK_M=16, BLOCK_N=16)
+    grid = lambda meta: (batch * heads, triton.cdiv(max_q, meta["BLOCK_M"]), triton.cdiv(max_k, meta["BLOCK_N"]))  # noqa: E731
+    _DROPOUT_MASK(None, grid, seed.device, seed, mask, dropout_p, max_q, max_k)
     return mask.bool()

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import roofline
 import torch
 from provenance import git_commit  # perf/ is the script's folder, hence on sys.path
 
@@ -243,7 +244,21 @@ def run_case(case: Case, args: argparse.Namespace, heads: int, time_ms) -> dict[
         for name, entry in results.items():
             if ours and name != "triton" and f"{key}_ms" in entry:
                 ratios[f"{key}_speedup_vs_{name}"] = entry[f"{key}_ms"] / ours
-    return {**asdict(case), "heads": heads, "fwd_flops": x.fwd_flops, "results": results, "ratios": ratios}
+    q_lens, k_lens = x.q_lens.tolist(), x.k_lens.tolist()
+    spec = roofline.spec_for(torch.cuda.get_device_name() if args.device == "cuda" else None)
+    fwd, both = (f(q_lens, k_lens, heads, case.head_dim) for f in (roofline.attention_fwd, roofline.attention_fwd_bwd))
+    predicted = {
+        "roofline_device": spec.name,
+        "roofline_fwd_ms": fwd.seconds(spec) * 1e3,
+        "roofline_fwd_bwd_ms": both.seconds(spec) * 1e3,
+        "roofline_bound": {"fwd": fwd.bound(spec), "fwd_bwd": both.bound(spec)},
+    }
+    for entry in results.values():  # each measured row carries the prediction beside it
+        if "fwd_ms" in entry:
+            entry["roofline_ms"] = {"fwd": predicted["roofline_fwd_ms"], "fwd_bwd": predicted["roofline_fwd_bwd_ms"]}
+    return {
+        **asdict(case), "heads": heads, "fwd_flops": x.fwd_flops, **predicted, "results": results, "ratios": ratios,
+    }  # fmt: skip
 
 
 def target_checks(cases: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -293,10 +308,14 @@ def print_table(cases: list[dict[str, object]]) -> None:
         label = f"D={case['head_dim']} S={case['seq_len']} q={case['fraction']} keys={case['keys']}"
         for name, entry in case["results"].items():
             cells = [f"{entry[k]:.3f}" if k in entry else "-" for k in ("fwd_ms", "fwd_bwd_ms")]
+            cells += [
+                f"{case[k]:.3g}" if "fwd_ms" in entry else "-" for k in ("roofline_fwd_ms", "roofline_fwd_bwd_ms")
+            ]
             cells += [f"{entry[k]:.1f}" if k in entry else "-" for k in ("fwd_tflops", "fwd_bwd_tflops")]
             note = entry.get("unavailable", "")[:60]
             rows.append([f"{label} {name}", *cells, note])
-    print(format_table(["case / implementation", "fwd ms", "fwd+bwd ms", "fwd TF/s", "f+b TF/s", "note"], rows))
+    header = ["case / implementation", "fwd ms", "fwd+bwd ms", "roofline fwd", "roofline f+b", "fwd TF/s", "f+b TF/s"]
+    print(format_table([*header, "note"], rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "hidden": args.hidden,
         "flops": "fwd = 4*NH*D*sum_b(Lq_b*Lk_b); fwd+bwd = 3.5 x fwd",
+        "roofline": "perf/roofline.py: max(FLOPs / peak, compulsory bytes / bandwidth) at the device's datasheet",
         "cases": cases,
         "not_run_past_the_deadline": not_run,
         "targets": target_checks(cases),

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import roofline
 import torch
 import transformers
 from bench_step import SPECIALS, random_batch, transformers_model
@@ -201,6 +202,7 @@ class Variant:
     compile: str
     flops_per_seq: float
     build: Callable[[], nn.Module]  # a fresh model on the device, in training mode
+    roofline: Callable[[int], float] = lambda batch: float("nan")  # predicted step seconds at a batch size
 
     @property
     def name(self) -> str:
@@ -221,6 +223,7 @@ def make_variants(args: argparse.Namespace, base: BertConfig, seq_len: int, skip
     device = torch.device(args.device)
     configs = model_configs(base)
     predictions = num_mlm_predictions(seq_len)
+    spec = roofline.spec_for(device_name(device))
     variants = []
     for model_name in args.models:
         if model_name == "varlen":
@@ -232,17 +235,22 @@ def make_variants(args: argparse.Namespace, base: BertConfig, seq_len: int, skip
         for mode in args.compile:
             if model_name == "transformers":
                 flops = training_flops(base, seq_len, predictions, decode_every_position=True)
+                config, every = base, True
 
                 def build(mode=mode):
                     return wrap(transformers_model(base, args.seed, args.device), device, mode)
             else:
-                config = configs[model_name]
+                config, every = configs[model_name], False
                 flops = training_flops(config, seq_len, predictions)
 
                 def build(config=config, mode=mode):
                     return wrap(build_model(config, args.seed, device), device, mode)
 
-            variants.append(Variant(model_name, mode, flops, build))
+            def predict(batch, config=config, every=every):
+                step = roofline.training_step(config, seq_len, batch, predictions, spec, decode_every_position=every)
+                return step["seconds"]
+
+            variants.append(Variant(model_name, mode, flops, build, predict))
     return variants
 
 
@@ -380,6 +388,7 @@ def summarise(entry: dict, variant: Variant, batch: int, seq_len: int, peak: dic
         "median_step_s": median,
         "min_step_s": min(entry["step_s"]),
         "tokens_per_s": batch * seq_len / median,
+        "roofline_ms": variant.roofline(batch) * 1e3,
         "flops_per_step": flops,
         "tflops": tflops,
         "mfu": tflops / peak["tflops"] if peak else None,
@@ -521,6 +530,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "matmul_peak": peak,
         "flop_model": "tokdrop.flops.training_flops (attention 4*H*D*Lq*Lk fwd, x2.5 bwd; linear x2 bwd)",
+        "roofline": f"perf/roofline.py at {roofline.spec_for(device_name(device)).name}'s datasheet: "
+        "FLOP model / peak + selection, gather and scatter bytes / bandwidth (roofline_ms)",
         "peak_memory": "torch.cuda.max_memory_allocated of the step, less what the other resident variants held",
         "runs": runs,
         "targets": target_checks(runs, device.type),
@@ -542,13 +553,14 @@ def tables(results: dict) -> str:
         rows = []
         for name, v in run["variants"].items():
             if "median_step_s" not in v:
-                rows.append((name, "-", "-", "-", "-", "-", v["error"][:60]))
+                rows.append((name, "-", "-", "-", "-", "-", "-", v["error"][:60]))
                 continue
             memory = "-" if v["peak_memory_bytes"] is None else f"{v['peak_memory_bytes'] / 2**30:.2f}"
             rows.append(
                 (
                     name,
                     f"{v['median_step_s'] * 1e3:.1f}",
+                    "-" if v.get("roofline_ms") is None else f"{v['roofline_ms']:.3g}",
                     f"{v['tokens_per_s']:.0f}",
                     f"{v['tflops']:.3g}",
                     f"{v['mfu']:.1%}",
@@ -556,10 +568,12 @@ def tables(results: dict) -> str:
                     "",
                 )
             )
-        rows += [(name, "-", "-", "-", "-", "-", f"skipped: {why[:50]}") for name, why in run["skipped"].items()]
+        rows += [(name, "-", "-", "-", "-", "-", "-", f"skipped: {why[:50]}") for name, why in run["skipped"].items()]
         out.append(
             f"\nseq {seq}, batch {run['batch']}\n"
-            + format_table(("variant", "median ms", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "note"), rows)
+            + format_table(
+                ("variant", "median ms", "roofline ms", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "note"), rows
+            )
         )
     checks = [
         (

@@ -60,6 +60,9 @@ def test_bench_train_json_and_report(perf_modules, tmp_path):
     for variant in run["variants"].values():
         assert len(variant["step_s"]) == 1 and variant["median_step_s"] > 0
         assert variant["tokens_per_s"] > 0 and 0 < variant["mfu"] and variant["peak_memory_bytes"] is None
+        assert 0 < variant["roofline_ms"] < variant["median_step_s"] * 1e3  # perf/roofline.py beside it
+    variants = run["variants"]
+    assert variants["token_drop[none]"]["roofline_ms"] < variants["dense[none]"]["roofline_ms"]
     time_check = next(c for c in results["targets"] if c["name"] == "time token_drop/dense")
     assert 0 < time_check["flop_model"] < 1 and time_check["measured"] > 0
     assert all(c["met"] is None for c in results["targets"])  # GPU targets: no verdict on a CPU
