@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "hidden": args.hidden,
         "flops": "fwd = 4*NH*D*sum_b(Lq_b*Lk_b); fwd+bwd = 3.5 x fwd",
-        "roofline": "perf/roofline.py: max(FLOPs / peak, compulsory bytes / bandwidth) at the device's datasheet",
+        "roofline": "perf/roofline.py: max(FLOPs / peak, compulsory bytes / bandwidth) at the device's ceilings",
         "cases": cases,
         "not_run_past_the_deadline": not_run,
         "targets": target_checks(cases),
