@@ -246,14 +246,19 @@ def main(argv: list[str] | None = None) -> dict:
         "model": trainees[0].config.to_dict(),
         **summarise(trainees, data.unigram_loss),
     }
+    _write(results, args)  # the pretraining figures are kept even if fine-tuning is interrupted
     if args.finetune:
         with tempfile.TemporaryDirectory(prefix="tokdrop_quality_") as workdir:
             results["finetune"] = finetune(args, data, trainees, Path(workdir))
+        _write(results, args)
+    return results
+
+
+def _write(results: dict, args: argparse.Namespace) -> None:
     print(_table(results))
     write_atomically(args.json, lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
     write_atomically(args.plot, lambda p: _plot(results, p))
     print(f"wrote {args.json} and {args.plot}")
-    return results
 
 
 def _table(results: dict) -> str:

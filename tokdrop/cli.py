@@ -74,6 +74,7 @@ def add_model_arguments(
     heads: int,
     intermediate: int,
     dropout: float = 0.1,
+    full_layers: int = 2,
 ) -> None:
     """Flags for the base model and the two cheap modes, with the given defaults."""
     group = parser.add_argument_group("model")
@@ -101,7 +102,7 @@ def add_model_arguments(
     group.add_argument(
         "--full-layers",
         type=int,
-        default=2,
+        default=full_layers,
         help="NarrowBERT: full layers before the narrow ones",
     )
 

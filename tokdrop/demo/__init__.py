@@ -1,5 +1,5 @@
 """Pretrain a small BERT three ways from the same weights on the same batches: dense, with token
-dropping and as NarrowBERT; offline, in about four minutes on two CPU cores.
+dropping and as NarrowBERT; offline, in about five minutes on two CPU cores.
 
 The text is English prose that ships with Python and with tokdrop's set-up: Python's documentation
 and the GNU Collaborative International Dictionary of English (tokdrop.corpus), split into training
@@ -41,9 +41,9 @@ def add_command(subcommands: argparse._SubParsersAction) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=positive_int, default=800, help="training steps per model")
+    parser.add_argument("--steps", type=positive_int, default=2000, help="training steps per model")
     parser.add_argument("--seq-len", type=positive_int, default=64, help="tokens per sequence")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="sequences per step")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (warm-up, linear decay)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and masking")
     parser.add_argument("--evals", type=positive_int, default=10, help="held-out evaluations, plus one before training")
@@ -59,8 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
     # No dropout by default: no training sequence is seen more than twice, so there is little to
-    # regularise, and dropout would only slow the loss down.
-    add_model_arguments(parser, layers=4, hidden=128, heads=2, intermediate=512, dropout=0.0)
+    # regularise, and dropout would only slow the loss down. Within five minutes for three models,
+    # many small steps of a shallow model learn most: probes of dense alone at equal time reached
+    # 0.58 nat below the unigram loss with 4 layers and batch 16, 0.60 with batch 8, 0.43 with
+    # batch 32, and 0.86 with 2 layers (where token dropping and NarrowBERT have nothing left to
+    # drop); 3 layers keep one layer for each to act on.
+    add_model_arguments(parser, layers=3, hidden=128, heads=2, intermediate=512, dropout=0.0, full_layers=1)
 
 
 def run(args: argparse.Namespace) -> int:
