@@ -4,7 +4,7 @@
     python perf/report.py --results DIR --out DIR
 
 Reads whichever of bench_quality*, bench_train*, bench_step*, bench_attention*, bench_unpad*,
-bench_inference* and bench_scaling* exist. Every table and plot names its source file, device,
+bench_inference*, bench_scaling* and static_sm90* exist. Every table and plot names its source file, device,
 versions and commit; what no file covers yet is listed under "Not measured yet". Nothing here is
 typed by hand: only the files' figures.
 """
@@ -341,6 +341,52 @@ def attention_section(
     return lines + ["", "![kernel TFLOP/s](report_kernel_tflops.png)"]
 
 
+def static_section(results_dir: Path, missing: list[str]) -> list[str]:
+    """perf/static_sm90.py's reports: per kernel, the worst of its shipped configurations."""
+    lines = ["## Static sm_90 report (perf/static_sm90.py, compiled without a GPU)"]
+    paths = sorted(results_dir.glob("static_sm90*.json"))
+    for path in paths:
+        data = json.loads(path.read_text())
+        if data.get("candidates"):
+            continue  # a tile sweep, not what ships
+        by_kernel: dict[str, list[dict]] = {}
+        for config in data["configs"]:
+            by_kernel.setdefault(config["kernel"], []).append(config)
+        summary = data["summary"]
+        lines += [
+            "",
+            f"Source: `perf/results/{path.name}`; triton {data['triton']}, {data['target']}; {data['date']}. "
+            f"{summary['configs']} configurations: {summary['spilling']} spill, {summary['not_fitting']} do not "
+            "fit one SM.",
+            "",
+            table(
+                [
+                    "kernel",
+                    "configurations",
+                    "most registers",
+                    "most spill bytes",
+                    "most shared KiB",
+                    "least occupancy",
+                ],
+                [
+                    [
+                        name,
+                        str(len(configs)),
+                        str(max(c["registers"] for c in configs)),
+                        str(max(c["spill_stores"] + c["spill_loads"] for c in configs)),
+                        number(max(c["shared_bytes"] for c in configs) / 1024, ".0f"),
+                        number(min(c["occupancy"] for c in configs), ".3f"),
+                    ]
+                    for name, configs in by_kernel.items()
+                ],
+            ),
+        ]
+    if not paths:
+        missing.append("Static sm_90 report (`perf/static_sm90.py`).")
+        lines += ["", "No results yet."]
+    return lines
+
+
 def unpad_section(files: list[tuple[Path, dict]], out: Path, missing: list[str]) -> list[str]:
     lines = ["## Unpadded encoder (perf/bench_unpad.py)"]
     for path, data in files:
@@ -449,6 +495,7 @@ def main(argv: list[str] | None = None) -> Path:
         lambda: train_section(found["bench_train"], args.out, missing),
         lambda: step_section(found["bench_step"], args.out, missing),
         lambda: attention_section(found["bench_attention"], args.out, missing, peaks),
+        lambda: static_section(args.results, missing),
         lambda: unpad_section(found["bench_unpad"], args.out, missing),
         lambda: inference_section(found["bench_inference"], args.out, missing),
         lambda: scaling_section(found["bench_scaling"], args.out, missing),

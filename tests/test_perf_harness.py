@@ -71,12 +71,13 @@ def test_bench_train_json_and_report(perf_modules, tmp_path):
     importlib.import_module("bench_unpad").main(
         [*unpad_args, "--reps", "1", "--json", str(results_dir / "bench_unpad_cpu.json")]
     )
-    for existing in sorted((PERF / "results").glob("bench_*.json")):
+    for existing in sorted([*(PERF / "results").glob("bench_*.json"), *(PERF / "results").glob("static_sm90*.json")]):
         if not (results_dir / existing.name).exists():
             shutil.copy(existing, results_dir)
     report.main(["--results", str(results_dir), "--out", str(tmp_path)])
     text = (tmp_path / "REPORT.md").read_text()
     assert "Source: `perf/results/bench_unpad_cpu.json`" in text and "| batch 2 finetune_step |" in text
+    assert "Source: `perf/results/static_sm90.json`" in text and "| _attn_fwd_kernel |" in text
     assert "Source: `perf/results/bench_train_cpu.json`" in text
     assert "## Not measured yet" in text and "GPU training figures" in text
     for png in ("report_step_time.png", "report_tokens_per_s.png"):
