@@ -11,7 +11,8 @@ Contract of a backend's attention in the padded layout:
 
 Queries of a row see exactly the first k_lens[b] keys of that row (no causal mask). The packed
 layout (`attention_varlen`) takes q [Tq, NH, D], k/v [Tk, NH, D] and cumulative offsets
-cu_seqlens_q/k [B+1]; backends without a packed kernel run it through the padded one.
+cu_seqlens_q/k [B+1]; backends without a packed kernel run it through the padded one (on the CPU,
+over buckets of sequences of similar length, each padded only to its own longest).
 
 Which backend runs, highest priority first: the innermost `use_backend(name)` block, the
 environment variable $TOKDROP_ATTENTION, the model's request (`BertConfig.attn_backend`), the
@@ -237,6 +238,10 @@ def attention_varlen(
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if chosen.varlen is not None:
         return chosen.varlen(*args, scale=scale, dropout_p=dropout_p)
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        return sa.packed_in_buckets(
+            chosen.attention, q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, dropout_p=dropout_p
+        )
     return sa.packed_via_padded(chosen.attention, *args, scale=scale, dropout_p=dropout_p)
 
 

@@ -561,6 +561,36 @@ def test_packed_layout_on_every_cpu_backend(backend):
     torch.testing.assert_close(attention_reference_varlen(*args, scale=0.4), want, rtol=1e-6, atol=1e-6)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.integers(1, 40)), min_size=1, max_size=12),
+    st.integers(0, 3),
+    st.integers(0, 2**31 - 1),
+)
+def test_length_buckets_match_the_reference_and_its_gradients(lens, spare_rows, seed):
+    """The CPU's packed path (packed_in_buckets over sdpa), float64: every sequence lands in one
+    bucket whose shortest is at least BUCKET_SPAN of its longest; output and gradients are the
+    reference's, and rows past the last sequence are zero."""
+    q_lens, k_lens = (torch.tensor(side) for side in zip(*lens, strict=True))
+    sizes = torch.maximum(q_lens, k_lens)
+    groups = ta.length_buckets(sizes.tolist())
+    assert sorted(b for g in groups for b in g) == list(range(len(lens)))
+    assert all(sizes[g].min() >= ta.BUCKET_SPAN * sizes[g].max() for g in groups)
+    generator = torch.Generator().manual_seed(seed)
+    tq, tk = int(q_lens.sum()) + spare_rows, int(k_lens.sum())
+    q, k, v = (
+        torch.randn(rows, 2, 8, dtype=torch.float64, generator=generator, requires_grad=True) for rows in (tq, tk, tk)
+    )
+    args = (q, k, v, cumulative(q_lens), cumulative(k_lens), 40, 40)
+    got = dispatch.attention_varlen(*args, scale=0.3, backend="sdpa")
+    want = attention_reference_varlen(*args, scale=0.3)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert not got[tq - spare_rows :].any()
+    dout = torch.randn(got.shape, dtype=torch.float64, generator=generator)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")
 def test_missing_xformers_is_named():
     with pytest.raises(ValueError, match="xformers is not installed"):
