@@ -795,6 +795,25 @@ def test_two_ranks_with_gloo_match_one_process(shards, tmp_path, parallel):
         assert _losses(ranks) == whole
 
 
+@pytest.mark.parametrize("same", [False, True])
+def test_random_ltd_ranks_draw_their_own_subsets_unless_asked_for_the_same(tmp_path, same):
+    """Two gloo ranks seeded as tokdrop pretrain seeds them (tests/ltd_ranks.py): different random-LTD
+    subsets by default, as in DeepSpeed; the same on every rank with --ltd-same-across-ranks."""
+    out = tmp_path / "drawn.json"
+    flag = ["--ltd-same-across-ranks"] if same else []
+    script = Path(__file__).with_name("ltd_ranks.py")
+    done = subprocess.run(
+        [*TORCHRUN, str(script), str(out), *flag], env=ENV, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(out.read_text()) == {"layers_drawn": 4, "same": same}  # 2 ltd layers x 2 steps
+
+
+def test_ltd_same_across_ranks_needs_random_ltd():
+    with pytest.raises(ValueError, match="ltd_same_across_ranks needs mode random_ltd, got mode='token_drop'"):
+        Settings(mode="token_drop", ltd_same_across_ranks=True)
+
+
 def _rank_pids(agent: int) -> dict[int, int]:
     """The worker processes of a torchrun agent, by RANK."""
     pids = {}

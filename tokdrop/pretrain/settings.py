@@ -75,6 +75,12 @@ class Settings:
     ltd_granularity: int = _setting(
         16, "random_ltd: the kept count grows in steps of this many tokens", "int", minimum=1
     )
+    ltd_same_across_ranks: bool = _setting(
+        False,
+        "random_ltd: every data-parallel rank draws the same subsets (its dropout masks then agree too); "
+        "default: each rank its own, as in DeepSpeed",
+        "bool",
+    )
     consistency_every: int = _setting(
         0,
         "token_drop: every N-th step is a ScTD consistency step (the full pass too, and two KL constraints "
@@ -164,6 +170,8 @@ class Settings:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be less than steps={self.steps}")
         if self.seq_len > self.max_position_embeddings:
             raise ValueError(f"seq_len={self.seq_len} exceeds max_position_embeddings={self.max_position_embeddings}")
+        if self.ltd_same_across_ranks and self.mode != "random_ltd":
+            raise ValueError(f"ltd_same_across_ranks needs mode random_ltd, got mode={self.mode!r}")
         if self.consistency_every and self.mode != "token_drop":
             raise ValueError(
                 f"consistency_every={self.consistency_every} needs mode token_drop, got mode={self.mode!r}"

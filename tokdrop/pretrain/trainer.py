@@ -128,7 +128,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.raw, settings.lr, settings.weight_decay)
         self.scheduler = warmup_linear_decay(self.optimizer, settings.steps, settings.warmup_steps)
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == torch.float16 else None
-        torch.manual_seed(derive_seed(settings.seed, "rank", rank))  # dropout and random-LTD differ by rank
+        torch.manual_seed(rank_seed(settings, rank))
         self.fingerprint = {
             **{k: v for k, v in dataclasses.asdict(settings).items() if k not in RESUMABLE_CHANGES},
             "world_size": world_size,
@@ -363,6 +363,12 @@ class Trainer:
     def _print(self, message: str, file: Any = None) -> None:
         if self.rank == 0:
             tqdm.write(message, file=file)
+
+
+def rank_seed(settings: Settings, rank: int) -> int:
+    """The seed of a rank's torch generator, which draws its dropout masks and random-LTD subsets:
+    one per rank, or rank 0's on every rank with --ltd-same-across-ranks."""
+    return derive_seed(settings.seed, "rank", 0 if settings.ltd_same_across_ranks else rank)
 
 
 def _precision(name: str, device: torch.device) -> torch.dtype:
