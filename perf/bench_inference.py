@@ -1,7 +1,8 @@
 """Encoder inference latency and throughput of the serving paths, measured side by side in one run:
-PyTorch eager, torch.compile, ONNX Runtime (plain and ORT-fused graph), the AOTInductor package
-(the .pt2 that tokdrop-serve runs, timed through torch's loader), TensorRT where present, and the
-NarrowBERT [CLS]-only classifier against the full-encoder classifier.
+PyTorch eager (padded, and unpadded: BertConfig(unpad=True)), torch.compile, ONNX Runtime (plain
+and ORT-fused graph), the AOTInductor package (the .pt2 that tokdrop-serve runs, timed through
+torch's loader), TensorRT where present, and the NarrowBERT [CLS]-only classifier against the
+full-encoder classifier.
 
     python perf/bench_inference.py                       # CPU, writes perf/results/bench_inference_cpu.json
 
@@ -47,7 +48,7 @@ SIZES = {
 }
 ENCODER_SHAPES = ((1, 128), (32, 128), (8, 512))
 NARROW_SHAPES = ((1, 128), (32, 128), (8, 512), (32, 512))
-ENCODER_VARIANTS = ("eager", "compile", "onnx", "onnx_fused", "aoti", "tensorrt")
+ENCODER_VARIANTS = ("eager", "eager_unpadded", "compile", "onnx", "onnx_fused", "aoti", "tensorrt")
 CLASSIFIER_VARIANTS = ("cls_full_eager", "cls_narrow_eager", "cls_full_onnx", "cls_narrow_onnx")
 
 
@@ -112,6 +113,11 @@ def summarise(times: list[float], size: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - {*ENCODER_VARIANTS, *CLASSIFIER_VARIANTS}
+    if unknown:
+        raise SystemExit(
+            f"--skip names unknown variants {sorted(unknown)}; known: {ENCODER_VARIANTS + CLASSIFIER_VARIANTS}"
+        )
     torch.set_num_threads(args.threads)
     device = "cpu"
     base = tokdrop.BertConfig(
@@ -162,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     encoder = tokdrop.BertModel(base).eval()
+    unpadded = tokdrop.BertModel(dataclasses.replace(base, unpad=True)).eval()
+    unpadded.load_state_dict(encoder.state_dict())
     dense_cls = tokdrop.BertForSequenceClassification(base).eval()
     narrow_cls = tokdrop.BertForSequenceClassification(
         dataclasses.replace(base, narrow=tokdrop.NarrowConfig(full_layers=args.full_layers))
@@ -188,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     fns_encoder: dict[str, Callable[[tuple], object]] = {}
     with torch.inference_mode():
         fns_encoder["eager"] = lambda x: encoder(*x)
+        fns_encoder["eager_unpadded"] = lambda x: unpadded(*x)
     if "compile" not in skip:
         compiled = torch.compile(EncoderHead(encoder), dynamic=True)
         fns_encoder["compile"] = lambda x: compiled(*x)
