@@ -33,6 +33,10 @@ still works; the kernels are then never launched.
 
 from __future__ import annotations
 
+import functools
+import itertools
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -151,24 +155,60 @@ def length_buckets(lens: list[int], span: float = BUCKET_SPAN) -> list[list[int]
     return buckets
 
 
-def packed_in_buckets(padded_fn, q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs):
-    """`packed_via_padded` over buckets of sequences of similar length (`length_buckets`), each
-    padded only to its own longest rather than the batch's, so that short sequences do not pay the
-    longest one's attention. Reads the lengths on the host: for the CPU, where that costs nothing.
-    Rows past cu_seqlens_q[-1] come out zero."""
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    lens_q = [b - a for a, b in zip(starts_q, starts_q[1:], strict=False)]
-    lens_k = [b - a for a, b in zip(starts_k, starts_k[1:], strict=False)]
-    parts, rows = [], []
-    for group in length_buckets([max(a, b) for a, b in zip(lens_q, lens_k, strict=True)]):
-        q_rows = torch.cat([torch.arange(starts_q[b], starts_q[b + 1]) for b in group]).to(q.device)
-        k_rows = torch.cat([torch.arange(starts_k[b], starts_k[b + 1]) for b in group]).to(k.device)
-        offsets = [torch.tensor([0] + [lens[b] for b in group]).cumsum(0).to(cu_seqlens_q) for lens in (lens_q, lens_k)]
+class _Bucket(NamedTuple):
+    """Sequences of similar length in a padded [n, max_len] layout of their own: the packed row of
+    each slot (the spare zero row past the packed ones where a sequence has ended), and lengths."""
+
+    q_rows: Tensor  # [n * max_q]
+    k_rows: Tensor  # [n * max_k]
+    q_lens: Tensor  # [n]
+    k_lens: Tensor  # [n]
+
+
+@functools.lru_cache(maxsize=16)
+def _bucket_plan(
+    starts_q: tuple[int, ...], starts_k: tuple[int, ...], rows_q: int, rows_k: int, device: torch.device
+) -> tuple[list[_Bucket], Tensor]:
+    """The buckets of packed sequences at the offsets starts_q/k (of rows_q/k packed rows), and for
+    each packed query row its slot among the buckets' outputs laid end to end (rows past the last
+    sequence: the spare zero row after them). Cached: every layer of a forward pass has the same."""
+    lens_q = [b - a for a, b in itertools.pairwise(starts_q)]
+    lens_k = [b - a for a, b in itertools.pairwise(starts_k)]
+    as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    buckets, slots, filled = [], [-1] * rows_q, 0
+    for group in length_buckets([max(pair) for pair in zip(lens_q, lens_k, strict=True)]):
         max_q, max_k = max(lens_q[b] for b in group), max(lens_k[b] for b in group)
-        parts.append(packed_via_padded(padded_fn, q[q_rows], k[k_rows], v[k_rows], *offsets, max_q, max_k, **kwargs))
-        rows.append(q_rows)
-    out = q.new_zeros(q.shape)
-    return out.index_copy(0, torch.cat(rows), torch.cat(parts)) if parts else out
+        q_rows, k_rows = [], []
+        for b in group:
+            q_rows += [*range(starts_q[b], starts_q[b + 1]), *[rows_q] * (max_q - lens_q[b])]
+            k_rows += [*range(starts_k[b], starts_k[b + 1]), *[rows_k] * (max_k - lens_k[b])]
+        for slot, row in enumerate(q_rows, start=filled):
+            if row < rows_q:
+                slots[row] = slot
+        filled += len(q_rows)
+        buckets.append(
+            _Bucket(*map(as_tensor, (q_rows, k_rows, [lens_q[b] for b in group], [lens_k[b] for b in group])))
+        )
+    return buckets, as_tensor([filled if slot < 0 else slot for slot in slots])
+
+
+def packed_in_buckets(padded_fn, q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs):
+    """Packed-layout attention from a padded-layout padded_fn (as `packed_via_padded`), run per
+    bucket of sequences of similar length (`length_buckets`), each padded only to its own longest
+    rather than the batch's: short sequences do not pay for the longest one's attention. Reads the
+    offsets on the host, which is free on the CPU. Rows past cu_seqlens_q[-1] come out zero."""
+    buckets, out_slots = _bucket_plan(
+        tuple(cu_seqlens_q.tolist()), tuple(cu_seqlens_k.tolist()), q.shape[0], k.shape[0], q.device
+    )
+    spare_row = (0, 0, 0, 0, 0, 1)  # a zero row after the packed ones, for the slots past a sequence
+    q_padded, kv_padded = F.pad(q, spare_row), F.pad(torch.cat([k, v], dim=-1), spare_row)
+    outs = []
+    for part in buckets:
+        n = part.q_lens.shape[0]
+        kb, vb = kv_padded[part.k_rows].unflatten(0, (n, -1)).split([k.shape[-1], v.shape[-1]], dim=-1)
+        outs.append(padded_fn(q_padded[part.q_rows].unflatten(0, (n, -1)), kb, vb, part.q_lens, part.k_lens, **kwargs))
+    outs = [out.flatten(0, 1) for out in outs] + [q.new_zeros((1, q.shape[1], v.shape[-1]))]
+    return torch.cat(outs)[out_slots]
 
 
 def attention_reference_varlen(

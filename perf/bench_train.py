@@ -9,7 +9,7 @@ layers), random_ltd (token dropping with random importance), varlen (tokdrop den
 `varlen` attention backend: packed FlashAttention, CUDA only, no attention dropout) and
 transformers (Hugging Face BertForMaskedLM, sdpa). Each runs under every `--compile` mode
 ("none" is eager; "max-autotune" adds CUDA graphs where shapes are static); a variant is
-"model[mode]". On CUDA: bf16 autocast and fused AdamW; on CPU: fp32 and the default AdamW.
+"model[mode]". On CUDA: bf16 autocast; on CPU: fp32; fused AdamW on both (tokdrop.training.make_optimizer).
 
 Per sequence length all variants stay resident and run interleaved, one step each per repetition
 in a rotating order, so that clock and load drift hit them alike; warm-up repetitions (which also
@@ -158,15 +158,6 @@ class Autocast(nn.Module):
             return self.model(**batch)
 
 
-def optimizer_for(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """make_optimizer's AdamW (BERT's weight-decay groups), fused on CUDA."""
-    optimizer = make_optimizer(model, lr=LR)
-    if device.type != "cuda":
-        return optimizer
-    groups = [{"params": group["params"], "weight_decay": group["weight_decay"]} for group in optimizer.param_groups]
-    return torch.optim.AdamW(groups, lr=LR, fused=True)
-
-
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Bytes of a variant's parameters, gradients and optimizer state (its resident share)."""
     tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
@@ -288,7 +279,7 @@ def time_interleaved(
             continue
         try:
             model = variant.build()
-            optimizer = optimizer_for(model, device)
+            optimizer = make_optimizer(model, lr=LR)
             step_with_peak(model, optimizer, batch, device)  # compiles, within the deadline's reach
             live[variant.name] = (model, optimizer)
         except Exception as err:
@@ -343,7 +334,7 @@ def largest_batch(variant: Variant, args: argparse.Namespace, seq_len: int, devi
     def fits(batch: int) -> bool:
         try:
             model = variant.build()
-            optimizer = optimizer_for(model, device)
+            optimizer = make_optimizer(model, lr=LR)
             data = batch_for(args, seq_len, batch)
             for _ in range(2):  # the second step holds the optimizer state too
                 train_step(model, optimizer, data)
@@ -522,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
         **versions(),
         "git": git_commit(),
         "arguments": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        "precision": "bf16 autocast, fused AdamW" if device.type == "cuda" else "fp32, AdamW",
+        "precision": "bf16 autocast, fused AdamW" if device.type == "cuda" else "fp32, fused AdamW",
         "model": {
             key: value
             for key, value in dataclasses.asdict(base).items()

@@ -14,13 +14,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 import tokdrop
 import tokdrop.layers
+from tokdrop.pretrain import distributed
 from tokdrop.pretrain.settings import Settings
 from tokdrop.pretrain.trainer import rank_seed
 
 
 def main(out: str, same: bool) -> None:
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    rank, world_size, _ = distributed.init_distributed(timeout=60)
     drawn = []
     select = tokdrop.layers.select_tokens
 
@@ -42,12 +42,13 @@ def main(out: str, same: bool) -> None:
         ids = torch.randint(5, 50, (3, 24), generator=rows)
         hidden, pooled = model(ids, torch.ones_like(ids))
         (hidden.sum() + pooled.sum()).backward()
-    everyone = [None] * dist.get_world_size()
+    everyone = [None] * world_size
     dist.all_gather_object(everyone, drawn)
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"layers_drawn": len(drawn), "same": all(d == everyone[0] for d in everyone)}, f)
-    dist.destroy_process_group()
+    del model  # DDP's reducer must go before its process group: its destructor can hang after it
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

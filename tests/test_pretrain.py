@@ -802,9 +802,8 @@ def test_random_ltd_ranks_draw_their_own_subsets_unless_asked_for_the_same(tmp_p
     out = tmp_path / "drawn.json"
     flag = ["--ltd-same-across-ranks"] if same else []
     script = Path(__file__).with_name("ltd_ranks.py")
-    done = subprocess.run(
-        [*TORCHRUN, str(script), str(out), *flag], env=ENV, cwd=tmp_path, capture_output=True, text=True
-    )
+    command = [*TORCHRUN, str(script), str(out), *flag]
+    done = subprocess.run(command, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(out.read_text()) == {"layers_drawn": 4, "same": same}  # 2 ltd layers x 2 steps
 
