@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # subset); 3 layers keep a layer for each to act on. At 3 layers and 2,000 steps of dense alone,
     # the learning rate peaked near 1e-3 (0.59 nat at 6e-4 and 2e-3, 0.72 at 1e-3), and a vocabulary
     # of 8,192 beat 4,096 and 2,048 (0.82, 0.72, 0.58 nat below their unigram losses); 1,700 steps
-    # of the three models then fit in about four and a half minutes.
+    # of the three models then fit in about four minutes.
     add_model_arguments(parser, layers=3, hidden=128, heads=2, intermediate=512, dropout=0.0, full_layers=1)
 
 
