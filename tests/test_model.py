@@ -459,6 +459,19 @@ def test_unpadded_encoder_matches_the_padded_one(cls, backend):
             torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_a_batch_without_padding_is_not_packed(monkeypatch):
+    ids, mask, types, _ = batch(lengths=(9, 9, 9))
+    dense = make(tokdrop.BertModel).eval()
+    unpadded = share_weights(make(tokdrop.BertModel, unpad=True), dense).eval()
+    packing = []
+    monkeypatch.setattr(tokdrop.model, "unpad", lambda *args: packing.append(args) or tokdrop.layers.unpad(*args))
+    torch.testing.assert_close(unpadded(ids, mask, types)[0], dense(ids, mask, types)[0], rtol=0, atol=0)
+    assert packing == []
+    mask[1, 5:] = 0
+    unpadded(ids, mask, types)
+    assert len(packing) == 1
+
+
 def test_unpadding_is_left_to_passes_over_every_token():
     ids, mask, types, labels = batch()
     dense = make(tokdrop.BertForMaskedLM).train()

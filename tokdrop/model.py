@@ -328,7 +328,7 @@ class BertModel(PretrainedMixin, nn.Module):
             scores = self.token_importance.scores(input_ids, validate=False) if token_scores is None else token_scores
         hidden = self.embeddings(input_ids, token_type_ids)
         with active_backend(self.attention_backend(input_ids.device.type)):
-            if self._unpadded(attention_mask, scores, query_index):
+            if self._unpadded(attention_mask, scores, query_index, lengths):
                 packed, offsets, where = unpad(hidden, lengths)
                 hidden = pad(self.encoder(packed, offsets, inputs=inputs), where, batch, seq_len)
             else:
@@ -344,10 +344,15 @@ class BertModel(PretrainedMixin, nn.Module):
         pooled = None if self.pooler is None else self.pooler(hidden[:, 0])
         return BertOutput(hidden, pooled)
 
-    def _unpadded(self, attention_mask: Tensor | None, scores: Tensor | None, query_index: Tensor | None) -> bool:
-        """config.unpad applies to passes over padded batches that run every token in every layer."""
+    def _unpadded(
+        self, attention_mask: Tensor | None, scores: Tensor | None, query_index: Tensor | None, lengths: Tensor
+    ) -> bool:
+        """config.unpad applies to passes over padded batches that run every token in every layer; a
+        batch without padding skips the packing, which would only cost time (a sync, as unpad's)."""
         dropping = scores is not None or (self.training and self.config.random_ltd is not None)
-        return self.config.unpad and attention_mask is not None and not dropping and query_index is None
+        if not self.config.unpad or attention_mask is None or dropping or query_index is not None:
+            return False
+        return bool((lengths < attention_mask.shape[1]).any())
 
 
 class RobertaModel(BertModel):
