@@ -142,13 +142,13 @@ def packed_via_padded(padded_fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen
 BUCKET_SPAN = 0.75
 
 
-def length_buckets(lens: list[int], span: float = BUCKET_SPAN) -> list[list[int]]:
-    """The sequences (by index), longest first, in groups whose shortest is at least `span` of
+def length_buckets(lens: list[int]) -> list[list[int]]:
+    """The sequences (by index), longest first, in groups whose shortest is at least BUCKET_SPAN of
     their longest; empty sequences are left out."""
     order = sorted((b for b in range(len(lens)) if lens[b] > 0), key=lambda b: -lens[b])
     buckets: list[list[int]] = []
     for b in order:
-        if buckets and lens[b] >= span * lens[buckets[-1][0]]:
+        if buckets and lens[b] >= BUCKET_SPAN * lens[buckets[-1][0]]:
             buckets[-1].append(b)
         else:
             buckets.append([b])

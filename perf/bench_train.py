@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
         **versions(),
         "git": git_commit(),
         "arguments": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        "precision": "bf16 autocast, fused AdamW" if device.type == "cuda" else "fp32, fused AdamW",
+        "precision": f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, fused AdamW",
         "model": {
             key: value
             for key, value in dataclasses.asdict(base).items()
